@@ -1,0 +1,286 @@
+"""Typed schema of the resolved Hydra config, validated before any model loads.
+
+`validate(cfg)` merges the composed DictConfig into these dataclasses (wrong types and unknown keys
+fail there, with the key named), then each dataclass checks its ranges in ``check()``. Every
+user mistake surfaces as one ``ConfigError`` naming the key; the app prints it without a traceback.
+Derived sizes are methods; nothing is written back into the config.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: the message starts with the offending key."""
+
+
+def _check(ok: bool, key: str, msg: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg} (got {value!r})")
+
+
+def _choice(key: str, value: Any, options: tuple) -> None:
+    _check(value in options, key, f"must be one of {list(options)}", value)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or Path(path).exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path)
+
+
+def _check_model_path(key: str, path: Optional[str]) -> None:
+    if path and _looks_local(path):
+        _check(Path(path).expanduser().is_dir(), key, "model folder not found", path)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = None  # HF folder or hub id; None -> build from `config`
+    config: Optional[dict] = None  # kwargs for AutoConfig.for_model(model_type=..., ...) (tiny models)
+    tokenizer: Optional[str] = None  # folder/hub id, "reviews" (built in code), or None -> name_or_path
+    torch_dtype: str = "float32"
+    attn_implementation: Optional[str] = None
+    gradient_checkpointing: bool = False
+
+    def check(self) -> None:
+        _check(self.name_or_path is not None or self.config is not None, "model.name_or_path",
+               "set a model folder/hub id, or model.config to build a model from a config", None)
+        _check_model_path("model.name_or_path", self.name_or_path)
+        _choice("model.torch_dtype", self.torch_dtype, ("float32", "bfloat16", "float16", "auto"))
+        if self.config is not None:
+            _check("model_type" in self.config, "model.config.model_type", "is required to build a model", None)
+
+
+@dataclass
+class RewardConfig:
+    type: str = "model"  # model | function
+    path: Optional[str] = None  # HF sequence-classifier folder (type=model)
+    tokenizer: Optional[str] = None  # its tokenizer if it differs from the policy's (None -> path)
+    fn: Optional[Any] = None  # {_target_: module.callable, ...}: f(prompts, responses) -> scores
+    clip: Optional[float] = None  # clip scores to [-clip, clip]
+    normalize: bool = False  # running mean/std normalisation of scores (global over ranks)
+    missing_eos_penalty: Optional[float] = None  # added to the score of responses with no EOS
+    micro_batch_size: int = 64
+
+    def check(self) -> None:
+        _choice("reward.type", self.type, ("model", "function"))
+        if self.type == "function":
+            _check(isinstance(self.fn, dict) and "_target_" in self.fn, "reward.fn",
+                   "reward.type=function needs reward.fn._target_ (a callable f(prompts, responses))", self.fn)
+        _check(self.clip is None or self.clip > 0, "reward.clip", "must be > 0 or null", self.clip)
+        _check(self.micro_batch_size > 0, "reward.micro_batch_size", "must be > 0", self.micro_batch_size)
+
+
+@dataclass
+class DataConfig:
+    source: str = "reviews"  # reviews (the embedded synthetic world)
+    num_sft_examples: int = 4000
+    num_prompts: int = 2048
+    num_eval_prompts: int = 128
+    max_prompt_len: int = 16
+    seed: int = 0
+    gold: Optional[Any] = None  # {_target_: ...}: a gold scorer f(prompts, responses) for evaluation only
+
+    def check(self) -> None:
+        _choice("data.source", self.source, ("reviews",))
+        for key in ("num_sft_examples", "num_prompts", "num_eval_prompts", "max_prompt_len"):
+            _check(getattr(self, key) > 0, f"data.{key}", "must be > 0", getattr(self, key))
+
+
+@dataclass
+class LossConfig:
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.1  # c1
+    entropy_coef: float = 0.0  # c2
+    kl_coef: float = 0.05  # initial beta
+    kl_target: Optional[float] = None  # adaptive KL controller when set
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    early_stop_kl: Optional[float] = None  # stop an iteration's epochs when approx KL passes this
+
+    def check(self) -> None:
+        _check(self.clip_eps > 0, "loss.clip_eps", "must be > 0", self.clip_eps)
+        _check(self.value_clip_eps > 0, "loss.value_clip_eps", "must be > 0", self.value_clip_eps)
+        _check(self.vf_coef >= 0, "loss.vf_coef", "must be >= 0", self.vf_coef)
+        _check(self.entropy_coef >= 0, "loss.entropy_coef", "must be >= 0", self.entropy_coef)
+        _check(self.kl_coef >= 0, "loss.kl_coef", "must be >= 0", self.kl_coef)
+        _check(self.kl_target is None or self.kl_target > 0, "loss.kl_target", "must be > 0 or null", self.kl_target)
+        _check(self.kl_horizon > 0, "loss.kl_horizon", "must be > 0", self.kl_horizon)
+        _choice("loss.kl_estimator", self.kl_estimator, ("k1", "k3"))
+        _check(0.0 <= self.gamma <= 1.0, "loss.gamma", "must be in [0, 1]", self.gamma)
+        _check(0.0 <= self.lam <= 1.0, "loss.lam", "must be in [0, 1]", self.lam)
+        _check(self.early_stop_kl is None or self.early_stop_kl > 0, "loss.early_stop_kl", "must be > 0 or null",
+               self.early_stop_kl)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+
+    def check(self) -> None:
+        _check(self.max_new_tokens > 0, "generation.max_new_tokens", "must be > 0", self.max_new_tokens)
+        _check(self.temperature > 0, "generation.temperature", "must be > 0", self.temperature)
+        _check(self.top_k >= 0, "generation.top_k", "must be >= 0", self.top_k)
+        _check(0.0 < self.top_p <= 1.0, "generation.top_p", "must be in (0, 1]", self.top_p)
+
+
+@dataclass
+class PPOTrainConfig:
+    iterations: int = 60
+    rollout_batch_size: int = 64  # prompts per iteration (per rank)
+    minibatch_size: int = 32  # sequences per optimizer step
+    micro_batch_size: int = 32  # sequences per forward/backward (gradient accumulation)
+    epochs: int = 4
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_iterations: int = 0
+    max_grad_norm: Optional[float] = 1.0
+    rollout_micro_batch_size: int = 64  # sequences per no-grad forward in the rollout
+
+    def check(self) -> None:
+        for key in ("iterations", "rollout_batch_size", "minibatch_size", "micro_batch_size", "epochs",
+                    "rollout_micro_batch_size"):
+            _check(getattr(self, key) > 0, f"trainer.ppo.{key}", "must be > 0", getattr(self, key))
+        _check(self.rollout_batch_size % self.minibatch_size == 0, "trainer.ppo.minibatch_size",
+               f"must divide trainer.ppo.rollout_batch_size={self.rollout_batch_size}", self.minibatch_size)
+        _check(self.minibatch_size % self.micro_batch_size == 0, "trainer.ppo.micro_batch_size",
+               f"must divide trainer.ppo.minibatch_size={self.minibatch_size}", self.micro_batch_size)
+        _check(self.lr > 0, "trainer.ppo.lr", "must be > 0", self.lr)
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "trainer.ppo.max_grad_norm",
+               "must be > 0 or null", self.max_grad_norm)
+
+    def minibatches_per_epoch(self) -> int:
+        return self.rollout_batch_size // self.minibatch_size
+
+
+@dataclass
+class SFTTrainConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 3e-3
+    max_len: int = 48
+    completion_only_loss: bool = False
+
+    def check(self) -> None:
+        for key in ("epochs", "batch_size", "max_len"):
+            _check(getattr(self, key) > 0, f"trainer.sft.{key}", "must be > 0", getattr(self, key))
+        _check(self.lr > 0, "trainer.sft.lr", "must be > 0", self.lr)
+
+
+@dataclass
+class RMTrainConfig:
+    num_pairs: int = 3000  # preference pairs sampled from the SFT policy and labelled (reviews world)
+    heldout_fraction: float = 0.1
+    label_temperature: float = 0.1  # Bradley-Terry noise of the simulated labeller
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+    init: str = "policy"  # policy: start from the SFT model's weights | config: fresh model.config
+
+    def check(self) -> None:
+        for key in ("num_pairs", "epochs", "batch_size"):
+            _check(getattr(self, key) > 0, f"trainer.rm.{key}", "must be > 0", getattr(self, key))
+        _check(0.0 < self.heldout_fraction < 1.0, "trainer.rm.heldout_fraction", "must be in (0, 1)",
+               self.heldout_fraction)
+        _check(self.label_temperature > 0, "trainer.rm.label_temperature", "must be > 0", self.label_temperature)
+        _check(self.lr > 0, "trainer.rm.lr", "must be > 0", self.lr)
+        _choice("trainer.rm.init", self.init, ("policy", "config"))
+
+
+@dataclass
+class TrainerConfig:
+    ppo: PPOTrainConfig = field(default_factory=PPOTrainConfig)
+    sft: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    rm: RMTrainConfig = field(default_factory=RMTrainConfig)
+    eval_every: int = 10  # iterations between gold/proxy evaluations on held-out prompts (0 = off)
+    log_every: int = 1
+    enable_progress_bar: bool = True
+
+    def check(self) -> None:
+        self.ppo.check(), self.sft.check(), self.rm.check()
+        _check(self.eval_every >= 0, "trainer.eval_every", "must be >= 0", self.eval_every)
+        _check(self.log_every > 0, "trainer.log_every", "must be > 0", self.log_every)
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: Any = "auto"
+    precision: str = "32-true"
+    threads: Optional[int] = None  # torch.set_num_threads
+
+    def check(self) -> None:
+        _choice("hardware.accelerator", self.accelerator, ("cpu", "gpu", "cuda", "auto"))
+        _check(self.num_nodes > 0, "hardware.num_nodes", "must be > 0", self.num_nodes)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"  # csv | wandb | tensorboard | none
+    project: str = "lightning-rlhf"
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+
+    def check(self) -> None:
+        _choice("logger.name", self.name, ("csv", "wandb", "tensorboard", "none"))
+
+
+@dataclass
+class RunConfig:
+    stage: str = "ppo"  # ppo | sft | rm | pipeline (sft -> rm -> ppo)
+    seed: int = 0
+    run_dir: str = "."
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    optimized_metric: Optional[str] = None  # summary key returned to a Hydra sweeper
+
+    def check(self) -> None:
+        _choice("stage", self.stage, ("ppo", "sft", "rm", "pipeline"))
+        for section in (self.model, self.reward, self.data, self.loss, self.generation, self.trainer,
+                        self.hardware, self.logger):
+            section.check()
+        if self.stage == "ppo" and self.reward.type == "model":
+            _check(self.reward.path is not None, "reward.path",
+                   "stage=ppo with reward.type=model needs the reward model folder", None)
+            _check_model_path("reward.path", self.reward.path)
+
+
+def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or "config"
+    msg = str(err).splitlines()[0]
+    return f"{key}: {msg}"
+
+
+def validate(cfg: DictConfig | dict) -> RunConfig:
+    """Resolve, type-check and range-check the composed config. Raises ConfigError naming the key."""
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        container = {k: v for k, v in container.items() if k != "hydra"}
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), container)
+        run_cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_format_omegaconf_error(err)) from None
+    run_cfg.check()
+    return run_cfg

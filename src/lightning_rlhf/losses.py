@@ -1,0 +1,124 @@
+"""Pure PPO loss functions over (B, T) response tokens. Each loss returns ``(loss, stats)``.
+
+Losses are minimised and are token-level masked means over the batch. ``mask`` is True on valid
+response tokens; padded positions may hold garbage and never leak into a result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_rlhf.advantages import masked_mean
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log pi(token | prefix) without materialising a full log-softmax copy.
+
+    logits: (B, T, V) float, tokens: (B, T) long -> (B, T), computed in fp32.
+    """
+    logits = logits.float()
+    picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution softmax(logits). logits: (B, T, V) -> (B, T), fp32.
+
+    H = logsumexp(z) - sum_i softmax(z)_i * z_i
+    """
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    finite_logits = torch.where(probs > 0, logits, torch.zeros_like(logits))  # 0 * -inf would be nan
+    return torch.logsumexp(logits, dim=-1) - (probs * finite_logits).sum(dim=-1)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi. (B, T), (B, T) -> (B, T).
+
+    k1: log r with log r = logprobs - ref_logprobs (unbiased, can be negative);
+    k3: (exp(-log r) - 1) + log r (unbiased, always >= 0, lower variance; Schulman 2020).
+    """
+    log_ratio = logprobs.float() - ref_logprobs.float()
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1' or 'k3'")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate loss. All inputs (B, T) -> scalar loss, stats.
+
+    loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
+    stats: clipfrac (share of valid tokens where the clipped term was taken), approx_kl
+    (masked mean of the k3 estimate of KL(pi_old || pi)), ratio (mean ratio).
+    """
+    mask = mask.bool()
+    # zero the padding first: garbage there must not reach the gradient (0 * inf = nan)
+    log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    advantages = torch.where(mask, advantages, torch.zeros_like(advantages))
+    ratio = torch.exp(log_ratio)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    pg_loss = torch.maximum(pg_loss1, pg_loss2)
+    loss = masked_mean(pg_loss, mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss. All inputs (B, T) -> scalar loss, stats.
+
+    loss = 0.5 * masked_mean(max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2))
+    stats: clipfrac (share of valid tokens where the clipped error was the larger).
+    """
+    mask = mask.bool()
+    zero = torch.zeros_like(values)
+    values = torch.where(mask, values, zero)  # padding garbage must not reach the gradient
+    old_values, returns = torch.where(mask, old_values, zero), torch.where(mask, returns, zero)
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    v_loss_unclipped = (values - returns) ** 2
+    v_loss_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(v_loss_unclipped, v_loss_clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((v_loss_clipped > v_loss_unclipped).float(), mask)}
+    return loss, stats
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[R - V] / Var[R] over valid tokens. (B, T), (B, T) -> scalar (nan-free: 0 if Var[R] = 0)."""
+    from lightning_rlhf.advantages import masked_var
+
+    var_r = masked_var(returns, mask)
+    if var_r <= 0:
+        return torch.zeros((), dtype=returns.dtype, device=returns.device)
+    return 1.0 - masked_var(returns - values, mask) / var_r
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Pairwise reward-model loss -log sigmoid(r_chosen - r_rejected). (B,), (B,) -> scalar, stats.
+
+    stats: accuracy (share of pairs ranked correctly, ties count as wrong), margin (mean difference).
+    """
+    margin = chosen.float() - rejected.float()
+    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    with torch.no_grad():
+        stats = {"accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
+    return loss, stats

@@ -1,0 +1,1 @@
+"""Models: the policy with its value head, reward models, tiny configs."""

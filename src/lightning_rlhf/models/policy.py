@@ -1,0 +1,92 @@
+"""The policy: any Hugging Face causal LM plus a scalar value head on its last hidden state.
+
+One forward pass of the shared trunk gives the response logits and the values; logits are computed
+only for the positions that predict response tokens (the LM head is the big matmul on small models).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+VALUE_HEAD_FILE = "value_head.pt"
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set p=0 on every dropout layer (RLHF log-probs must be deterministic)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so a left-padded row starts at 0. (B, L) -> (B, L) long."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM (``self.lm``) and ``self.value_head`` (hidden -> 1, zero-initialised)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        disable_dropout(self.lm)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden state (after the final norm). (B, L) -> (B, L, H)."""
+        out = self.lm.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, with_values: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and values for the last `response_len` tokens of input_ids = [prompt, response].
+
+        input_ids, attention_mask: (B, P + T) -> logits (B, T, V) predicting response token t from the
+        prefix before it, values (B, T) = V(s_t), the state before response token t is emitted.
+        """
+        hidden = self.hidden_states(input_ids, attention_mask)
+        h = hidden[:, -response_len - 1 : -1]  # (B, T, H): the states that emit response tokens
+        logits = self.lm.get_output_embeddings()(h)
+        values = self.value_head(h).squeeze(-1).float() if with_values else None
+        return logits, values
+
+    def save_pretrained(self, folder: str | Path, tokenizer=None) -> None:
+        """A Hugging Face folder loadable with AutoModelForCausalLM; the value head beside it."""
+        folder = Path(folder)
+        self.lm.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        torch.save(self.value_head.state_dict(), folder / VALUE_HEAD_FILE)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode, no-grad deep copy (the reference model)."""
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    disable_dropout(ref)
+    return ref
+
+
+def ref_logits(ref: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+    """Reference-model logits for the response positions of [prompt, response]. -> (B, T, V)."""
+    hidden = ref.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return ref.get_output_embeddings()(hidden[:, -response_len - 1 : -1])

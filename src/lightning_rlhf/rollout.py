@@ -1,0 +1,93 @@
+"""Phase 1 of a PPO iteration: generate, score, and build the Experience. No grad, no optimizer."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_rlhf.advantages import compute_gae, masked_mean, masked_whiten, shape_rewards
+from lightning_rlhf.config import GenerationConfig, LossConfig
+from lightning_rlhf.experience import Experience
+from lightning_rlhf.losses import entropy_from_logits, kl_penalty, logprobs_from_logits
+from lightning_rlhf.models.policy import ref_logits
+from lightning_rlhf.models.reward import ScoreProcessor, Sequences
+from lightning_rlhf.sampling import generate, response_mask_from_ids
+
+
+@torch.no_grad()
+def sample_responses(policy, prompt_ids, prompt_mask, gen: GenerationConfig, tokenizer):
+    """-> response_ids (B, T), response_mask (B, T) bool (True up to and including EOS)."""
+    response_ids = generate(
+        policy.lm, prompt_ids, prompt_mask, gen.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+        gen.temperature, gen.top_k, gen.top_p,
+    )
+    return response_ids, response_mask_from_ids(response_ids, tokenizer.eos_token_id)
+
+
+@torch.no_grad()
+def forward_logprobs(policy, ref, seqs: Sequences, response_ids, temperature: float, micro_batch_size: int):
+    """Policy log-probs, values, entropy and reference log-probs of the response tokens, in chunks.
+
+    -> logprobs, values, entropy, ref_logprobs: each (B, T) fp32.
+    """
+    T = response_ids.shape[1]
+    outs = []
+    for i in range(0, response_ids.shape[0], micro_batch_size):
+        sl = slice(i, i + micro_batch_size)
+        ids, attn, tgt = seqs.input_ids[sl], seqs.attention_mask[sl].long(), response_ids[sl]
+        logits, values = policy(ids, attn, T)
+        logits = logits.float() / temperature
+        r_logits = ref_logits(ref, ids, attn, T).float() / temperature
+        outs.append((logprobs_from_logits(logits, tgt), values, entropy_from_logits(logits),
+                     logprobs_from_logits(r_logits, tgt)))
+    return [torch.cat(parts) for parts in zip(*outs)]
+
+
+@torch.no_grad()
+def make_experience(
+    policy,
+    ref,
+    reward,
+    score_processor: ScoreProcessor,
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    gen: GenerationConfig,
+    loss: LossConfig,
+    kl_coef: float,
+    micro_batch_size: int,
+    all_reduce=None,
+) -> tuple[Experience, dict[str, torch.Tensor]]:
+    """Roll out the policy on a prompt batch (B, P) and return the Experience and rollout metrics.
+
+    Statistics that normalise (advantage whitening, score normalisation) are global over ranks when
+    `all_reduce` (a sum over ranks) is given.
+    """
+    response_ids, response_mask = sample_responses(policy, prompt_ids, prompt_mask, gen, tokenizer)
+    seqs = Sequences(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer)
+    logprobs, values, entropy, ref_lp = forward_logprobs(
+        policy, ref, seqs, response_ids, gen.temperature, micro_batch_size
+    )
+    raw_scores = reward(seqs).float()
+    has_eos = ((response_ids == tokenizer.eos_token_id) & response_mask).any(dim=1)
+    scores = score_processor(raw_scores, has_eos, all_reduce)
+    kl = kl_penalty(logprobs, ref_lp, loss.kl_estimator)
+    rewards = shape_rewards(scores, kl, response_mask, kl_coef)
+    advantages, returns = compute_gae(rewards, values, response_mask, loss.gamma, loss.lam)
+    if loss.whiten_advantages:
+        advantages = masked_whiten(advantages, response_mask, all_reduce=all_reduce)
+    exp = Experience(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(), response_ids=response_ids,
+        response_mask=response_mask, old_logprobs=logprobs, ref_logprobs=ref_lp, old_values=values,
+        scores=scores, raw_scores=raw_scores, kl=kl, rewards=rewards, advantages=advantages, returns=returns,
+    )
+    mask_f = response_mask.float()
+    seq_kl = (kl * mask_f).sum(1)
+    stats = {
+        "objective/score": raw_scores.mean(),
+        "objective/kl": seq_kl.mean(),
+        "objective/rlhf_reward": (scores - kl_coef * seq_kl).mean(),
+        "objective/entropy": masked_mean(entropy, response_mask),
+        "rollout/response_len": mask_f.sum(1).mean(),
+        "rollout/eos_frac": has_eos.float().mean(),
+    }
+    return exp, stats

@@ -1,0 +1,1 @@
+"""The three training stages (sft, rm, ppo) and the pipeline that chains them."""

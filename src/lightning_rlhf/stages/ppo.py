@@ -1,0 +1,95 @@
+"""PPO stage: build policy (+ value head), frozen reference, reward; evaluate, fit, evaluate, save."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from lightning_rlhf.config import ModelConfig, RunConfig
+from lightning_rlhf.data.prompts import PromptBatches, encode_prompts, left_pad
+from lightning_rlhf.evaluation import evaluate_policy
+from lightning_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
+from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy
+from lightning_rlhf.models.reward import FunctionReward, RewardModel
+from lightning_rlhf.module import PPOModule
+from lightning_rlhf.stages.common import build_trainer, write_csv
+
+
+def build_reward(cfg: RunConfig, policy_tokenizer, reward_path: str | None = None):
+    if cfg.reward.type == "function":
+        return FunctionReward(instantiate(cfg.reward.fn))
+    path = reward_path or cfg.reward.path
+    rm_tokenizer = load_tokenizer(cfg.reward.tokenizer or path, key="reward.tokenizer")
+    model = load_sequence_classifier(path, rm_tokenizer)
+    return RewardModel(model, rm_tokenizer, policy_tokenizer, cfg.reward.micro_batch_size)
+
+
+def prompt_texts(cfg: RunConfig, split: str, n: int) -> list[str]:
+    from lightning_rlhf.data.reviews import generate_prompts
+
+    return generate_prompts(n, seed=cfg.data.seed + (0 if split == "train" else 1), split=split)
+
+
+class EvalEvery(L.Callback):
+    """Held-out evaluation before iteration 0, every `every` iterations, kept in `history`."""
+
+    def __init__(self, module: PPOModule, eval_batch, gold_fn, every: int, folder: Path):
+        self.module, self.eval_batch, self.gold_fn, self.every, self.folder = module, eval_batch, gold_fn, every, folder
+        self.history: list[dict] = []
+        self.samples: dict[int, list[dict]] = {}
+
+    def run(self, iteration: int) -> dict:
+        m = self.module
+        metrics, samples = evaluate_policy(m.policy, m.ref_model, m.reward, m.tokenizer, *self.eval_batch,
+                                           m.cfg.generation, self.gold_fn)
+        self.history.append({"iteration": iteration, **metrics})
+        self.samples[iteration] = samples
+        write_csv(self.folder / "eval.csv", self.history)
+        return metrics
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.every and batch_idx % self.every == 0 and batch_idx > 0:
+            self.run(batch_idx)
+
+
+def run_ppo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward_path: str | None = None) -> dict:
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ppo = cfg.trainer.ppo
+    model_cfg = cfg.model if policy_path is None else ModelConfig(name_or_path=policy_path)
+    tokenizer = load_tokenizer(policy_path or cfg.model.tokenizer or cfg.model.name_or_path)
+    lm = load_causal_lm(model_cfg, tokenizer, cfg.seed)
+    policy, ref = PolicyWithValueHead(lm), frozen_copy(lm)
+    reward = build_reward(cfg, tokenizer, reward_path)
+    gold_fn = instantiate(cfg.data.gold) if cfg.data.gold else None
+    module = PPOModule(policy, ref, reward, tokenizer, cfg)
+
+    eval_batch = left_pad(encode_prompts(tokenizer, prompt_texts(cfg, "heldout", cfg.data.num_eval_prompts),
+                                         cfg.data.max_prompt_len), tokenizer.pad_token_id)
+    evaluator = EvalEvery(module, eval_batch, gold_fn, cfg.trainer.eval_every, folder)
+    trainer = build_trainer(cfg, folder, "ppo", max_epochs=1, callbacks=[evaluator])
+    prompts = encode_prompts(tokenizer, prompt_texts(cfg, "train", cfg.data.num_prompts), cfg.data.max_prompt_len)
+    dataset = PromptBatches(prompts, ppo.rollout_batch_size, ppo.iterations, tokenizer.pad_token_id, cfg.seed,
+                            trainer.global_rank, trainer.world_size)
+    loader = DataLoader(dataset, batch_size=None, shuffle=False)
+
+    initial = evaluator.run(0)
+    trainer.fit(module, loader)
+    final = evaluator.run(ppo.iterations)
+    if trainer.is_global_zero:
+        policy.save_pretrained(folder / "policy", tokenizer)
+    result = {
+        "proxy_reward_initial": initial["val/proxy_reward"],
+        "proxy_reward_final": final["val/proxy_reward"],
+        "kl_final": final["val/kl"],
+        "wall_s": time.perf_counter() - t0,
+        "policy": str(folder / "policy"),
+    }
+    if gold_fn is not None:
+        result |= {"gold_score_initial": initial["val/gold_score"], "gold_score_final": final["val/gold_score"]}
+    result["samples"] = {"initial": evaluator.samples[0], "final": evaluator.samples[ppo.iterations]}
+    return result

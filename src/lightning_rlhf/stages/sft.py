@@ -1,0 +1,102 @@
+"""Supervised fine-tuning: next-token cross-entropy on demonstrations (prompt + completion)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from lightning_rlhf.config import RunConfig
+from lightning_rlhf.data.prompts import left_pad
+from lightning_rlhf.models.loading import load_causal_lm, load_tokenizer
+from lightning_rlhf.models.policy import disable_dropout, position_ids_from_mask
+from lightning_rlhf.stages.common import build_trainer
+
+
+def encode_demonstrations(tokenizer, pairs: list[tuple[str, str]], max_len: int) -> list[tuple[list[int], int]]:
+    """[BOS] prompt completion EOS, truncated to max_len -> (ids, number of prompt tokens)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    out = []
+    for prompt, completion in pairs:
+        p = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(" " + completion if not completion.startswith(" ") else completion,
+                      add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append(((p + c)[:max_len], len(p)))
+    return out
+
+
+def collate_demonstrations(rows, pad_id: int) -> dict[str, torch.Tensor]:
+    ids, mask = left_pad([r[0] for r in rows], pad_id)
+    width = ids.shape[1]
+    completion = torch.zeros_like(mask)
+    for i, (r, n_prompt) in enumerate(rows):
+        completion[i, width - len(r) + n_prompt :] = True
+    return {"input_ids": ids, "attention_mask": mask, "completion_mask": completion}
+
+
+def lm_loss(lm, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+    """Mean next-token cross-entropy over target tokens where loss_mask is True. (B, L) inputs -> scalar."""
+    logits = lm(input_ids=input_ids, attention_mask=attention_mask.long(),
+                position_ids=position_ids_from_mask(attention_mask)).logits
+    targets = input_ids[:, 1:]
+    keep = loss_mask[:, 1:] & attention_mask[:, 1:].bool()
+    return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
+
+
+class SFTModule(L.LightningModule):
+    def __init__(self, lm, cfg: RunConfig, total_steps: int):
+        super().__init__()
+        self.lm, self.cfg, self.total_steps = lm, cfg, total_steps
+        disable_dropout(self.lm)
+
+    def _loss(self, batch):
+        mask = batch["completion_mask"] if self.cfg.trainer.sft.completion_only_loss else batch["attention_mask"]
+        return lm_loss(self.lm, batch["input_ids"], batch["attention_mask"], mask)
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("sft/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/sft_loss", self._loss(batch), batch_size=batch["input_ids"].shape[0], sync_dist=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.lm.parameters(), lr=self.cfg.trainer.sft.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.cfg.trainer.sft.lr, total_steps=self.total_steps,
+                                                    pct_start=0.1)
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+def demonstrations(cfg: RunConfig, split: str, n: int) -> list[tuple[str, str]]:
+    from lightning_rlhf.data.reviews import generate_examples
+
+    return generate_examples(n, seed=cfg.data.seed + (0 if split == "train" else 1), split=split)
+
+
+def run_sft(cfg: RunConfig, folder: Path) -> dict:
+    """Train model (from model.name_or_path or model.config) on demonstrations; save to folder/model."""
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    sft = cfg.trainer.sft
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    lm = load_causal_lm(cfg.model, tokenizer, cfg.seed)
+    collate = lambda rows: collate_demonstrations(rows, tokenizer.pad_token_id)  # noqa: E731
+    train_rows = encode_demonstrations(tokenizer, demonstrations(cfg, "train", cfg.data.num_sft_examples), sft.max_len)
+    val_rows = encode_demonstrations(tokenizer, demonstrations(cfg, "heldout", 256), sft.max_len)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_dl = DataLoader(train_rows, batch_size=sft.batch_size, shuffle=True, collate_fn=collate, generator=gen)
+    val_dl = DataLoader(val_rows, batch_size=64, collate_fn=collate)
+    module = SFTModule(lm, cfg, total_steps=sft.epochs * len(train_dl))
+    trainer = build_trainer(cfg, folder, "sft", max_epochs=sft.epochs)
+    trainer.fit(module, train_dl, val_dl)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        lm.save_pretrained(folder / "model")
+        tokenizer.save_pretrained(folder / "model")
+    return {"sft_loss": metrics.get("sft/loss"), "sft_val_loss": metrics.get("val/sft_loss"),
+            "wall_s": time.perf_counter() - t0, "model": str(folder / "model")}

@@ -1,0 +1,48 @@
+"""Phase 2 of a PPO iteration: the loss of one micro-batch of experience (pure: no optimizer here)."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_rlhf.advantages import masked_mean
+from lightning_rlhf.config import LossConfig
+from lightning_rlhf.experience import Experience
+from lightning_rlhf.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+
+
+def ppo_loss(policy, exp: Experience, loss_cfg: LossConfig, temperature: float) -> tuple[torch.Tensor, dict]:
+    """L = L_policy + c1 * L_value - c2 * entropy on one (trimmed) micro-batch.
+
+    Each term is a token-level masked mean over this micro-batch; the caller weights micro-batches
+    by their share of the minibatch's valid tokens so that accumulation equals the full-batch loss.
+    """
+    mask = exp.response_mask
+    input_ids = torch.cat([exp.prompt_ids, exp.response_ids], dim=1)
+    attention_mask = torch.cat([exp.prompt_mask, mask], dim=1).long()
+    logits, values = policy(input_ids, attention_mask, exp.response_ids.shape[1])
+    logits = logits.float() / temperature
+    logprobs = logprobs_from_logits(logits, exp.response_ids)
+    pg_loss, pg_stats = policy_loss(logprobs, exp.old_logprobs, exp.advantages, mask, loss_cfg.clip_eps)
+    vf_loss, vf_stats = value_loss(values, exp.old_values, exp.returns, mask, loss_cfg.value_clip_eps)
+    if loss_cfg.entropy_coef > 0:
+        entropy = masked_mean(entropy_from_logits(logits), mask)
+    else:  # skip the (B, T, V) softmax when the bonus is off; still reported
+        with torch.no_grad():
+            entropy = masked_mean(entropy_from_logits(logits), mask)
+    loss = pg_loss + loss_cfg.vf_coef * vf_loss - loss_cfg.entropy_coef * entropy
+    stats = {
+        "policy/loss": pg_loss.detach(),
+        "policy/approx_kl": pg_stats["approx_kl"],
+        "policy/clipfrac": pg_stats["clipfrac"],
+        "critic/loss": vf_loss.detach(),
+        "critic/clipfrac": vf_stats["clipfrac"],
+        "loss/total": loss.detach(),
+        "loss/entropy": entropy.detach(),
+    }
+    return loss, stats
+
+
+def minibatch_indices(n: int, minibatch_size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """A shuffled partition of range(n) into minibatches of `minibatch_size`."""
+    perm = torch.randperm(n, generator=generator)
+    return list(perm.split(minibatch_size))
