@@ -10,7 +10,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet torch==2.13.0
-	DS_BUILD_OPS=0 $(VENV)/bin/pip install --quiet -c constraints.txt -e ".[dev]"
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install --quiet -c constraints.txt -e ".[dev,bench]"
 	touch $(STAMP)
 
 demo: setup

@@ -20,6 +20,23 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("lightning_rlhf")
 
 
+def _quiet_libraries() -> None:
+    """Lightning's info lines (tips, 'GPU available') would print twice through Hydra's root logger."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.fabric.utilities.rank_zero", "transformers", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*module.s. in eval mode at the start of training.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def _write_summary(folder: Path, summary: dict) -> None:
     from lightning_rlhf.stages.common import write_json
 
@@ -77,6 +94,7 @@ def train(cfg: RunConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    _quiet_libraries()
     try:
         run_cfg = validate(cfg)
         Path(run_cfg.run_dir).mkdir(parents=True, exist_ok=True)

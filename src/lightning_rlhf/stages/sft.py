@@ -67,8 +67,9 @@ class SFTModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.lm.parameters(), lr=self.cfg.trainer.sft.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.cfg.trainer.sft.lr, total_steps=self.total_steps,
-                                                    pct_start=0.1)
+        warmup = max(1, self.total_steps // 10)
+        decay = lambda step: min((step + 1) / warmup, max(0.0, (self.total_steps - step) / (self.total_steps - warmup + 1)))  # noqa: E731
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
 
