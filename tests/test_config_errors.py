@@ -1,0 +1,61 @@
+"""User mistakes in the config fail at once, before any model loads: one line naming the key,
+exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_rlhf.config import ConfigError
+from tests.conftest import tiny_run_config
+
+RLHF_TRAIN = str(Path(sys.executable).parent / "rlhf-train")
+
+
+def _run(tmp_path, *overrides):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run([RLHF_TRAIN, f"hydra.run.dir={tmp_path}", *overrides], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=120)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["loss.clip_eps=0"], "loss.clip_eps"),
+    (["loss.clip_eps=-0.1"], "loss.clip_eps"),
+    (["loss.gamma=1.5"], "loss.gamma"),
+    (["loss.lam=-0.1"], "loss.lam"),
+    (["loss.gamma=abc"], "loss.gamma"),
+    (["trainer.ppo.minibatch_size=7"], "trainer.ppo.minibatch_size"),
+    (["trainer.ppo.micro_batch_size=5"], "trainer.ppo.micro_batch_size"),
+    (["loss.kl_estimator=k9"], "loss.kl_estimator"),
+    (["model.name_or_path=./no/such/folder"], "model.name_or_path"),
+    (["stage=ppo", "reward.path=/no/such/rm"], "reward.path"),
+    (["stage=train_everything"], "stage"),
+    (["generation.top_p=0"], "generation.top_p"),
+])
+def test_bad_value_is_refused_with_the_key_named(tmp_path, overrides, key):
+    res = _run(tmp_path, *overrides)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert key in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert not (tmp_path / "sft").exists(), "no stage may start on a bad config"
+
+
+def test_unknown_option_is_refused(tmp_path):
+    res = _run(tmp_path, "loss.clip_epsilon=0.1")
+    assert res.returncode != 0
+    assert "clip_epsilon" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_unknown_option_in_a_dict_merge_is_refused():
+    with pytest.raises(ConfigError, match="loss.foo"):
+        tiny_run_config(loss={"foo": 1})
+
+
+def test_validation_names_nested_key_and_value():
+    with pytest.raises(ConfigError, match=r"trainer.ppo.minibatch_size: must divide .*=8 \(got 3\)"):
+        tiny_run_config(trainer={"ppo": {"minibatch_size": 3, "micro_batch_size": 1}})
