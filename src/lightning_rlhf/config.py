@@ -182,10 +182,10 @@ class SFTTrainConfig:
 
 @dataclass
 class RMTrainConfig:
-    num_pairs: int = 3000  # preference pairs sampled from the SFT policy and labelled (reviews world)
+    num_pairs: int = 6000  # preference pairs sampled from the SFT policy and labelled (reviews world)
     heldout_fraction: float = 0.1
     label_temperature: float = 0.1  # Bradley-Terry noise of the simulated labeller
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-3
     init: str = "policy"  # policy: start from the SFT model's weights | config: fresh model.config
@@ -265,6 +265,9 @@ class RunConfig:
             _check(self.reward.path is not None, "reward.path",
                    "stage=ppo with reward.type=model needs the reward model folder", None)
             _check_model_path("reward.path", self.reward.path)
+        if self.stage in ("rm", "pipeline") and self.trainer.rm.init == "config":
+            _check(self.model.config is not None, "trainer.rm.init",
+                   "'config' builds the reward model from model.config, which is not set", self.trainer.rm.init)
 
 
 def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
