@@ -35,9 +35,8 @@ class PPOModule(L.LightningModule):
     def configure_optimizers(self):
         ppo = self.cfg.trainer.ppo
         opt = torch.optim.AdamW(self.policy.parameters(), lr=ppo.lr, weight_decay=ppo.weight_decay)
-        steps_per_iter = ppo.epochs * ppo.minibatches_per_epoch()
-        warmup = max(1, ppo.warmup_iterations * steps_per_iter)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        warmup = max(1, ppo.warmup_iterations)  # the scheduler steps once per PPO iteration
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda iteration: min(1.0, (iteration + 1) / warmup))
         return [opt], [sched]
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
