@@ -40,13 +40,31 @@ def _check_model_path(key: str, path: Optional[str]) -> None:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft: only the adapters (and the value head) train."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0  # used by SFT; PPO sets every dropout to 0 (log-probs must be deterministic)
+    target_modules: Optional[list] = None  # module names, e.g. [q_proj, v_proj]; null -> peft's default
+    save: str = "merged"  # the final PPO policy: merged (a full HF folder) | adapter (adapter folder)
+
+    def check(self) -> None:
+        _check(self.r > 0, "model.lora.r", "must be > 0", self.r)
+        _check(self.alpha > 0, "model.lora.alpha", "must be > 0", self.alpha)
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)", self.dropout)
+        _choice("model.lora.save", self.save, ("merged", "adapter"))
+
+
+@dataclass
 class ModelConfig:
     name_or_path: Optional[str] = None  # HF folder or hub id; None -> build from `config`
     config: Optional[dict] = None  # kwargs for AutoConfig.for_model(model_type=..., ...) (tiny models)
     tokenizer: Optional[str] = None  # folder/hub id, "reviews" (built in code), or None -> name_or_path
     torch_dtype: str = "float32"
-    attn_implementation: Optional[str] = None
+    attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2 ... (passed to transformers)
     gradient_checkpointing: bool = False
+    lora: Optional[LoraConfig] = None  # null = full fine-tuning
 
     def check(self) -> None:
         _check(self.name_or_path is not None or self.config is not None, "model.name_or_path",
@@ -55,6 +73,14 @@ class ModelConfig:
         _choice("model.torch_dtype", self.torch_dtype, ("float32", "bfloat16", "float16", "auto"))
         if self.config is not None:
             _check("model_type" in self.config, "model.config.model_type", "is required to build a model", None)
+        if self.lora is not None:
+            self.lora.check()
+
+    def check_stage(self, stage: str) -> None:
+        if self.lora is not None and self.lora.save == "adapter" and stage == "ppo":
+            _check(self.name_or_path is not None, "model.lora.save",
+                   "an adapter folder refers to its base model folder: set model.name_or_path, or save merged",
+                   self.lora.save)
 
 
 @dataclass
@@ -77,20 +103,98 @@ class RewardConfig:
         _check(self.micro_batch_size > 0, "reward.micro_batch_size", "must be > 0", self.micro_batch_size)
 
 
+DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class DataSourceConfig:
+    """Rows from a local file or a Hugging Face dataset (read with datasets.load_dataset).
+
+    Each field may hold a string or a list of {role, content} messages (a conversation).
+    """
+
+    path: Optional[str] = None  # a local .jsonl / .json / .csv / .parquet file (or a folder of them)
+    name: Optional[str] = None  # or a Hugging Face dataset name
+    subset: Optional[str] = None  # the dataset's configuration name, if it has several
+    split: str = "train"  # datasets split syntax works: "train[:90%]"
+    eval_split: Optional[str] = None  # held-out rows; null -> data.heldout_fraction of `split`
+    limit: Optional[int] = None  # use at most this many training rows (after a seeded shuffle)
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    messages_field: Optional[str] = None  # a conversation; its last assistant turn is the completion
+
+    def is_set(self) -> bool:
+        return self.path is not None or self.name is not None
+
+    def where(self) -> str:
+        return str(Path(self.path).expanduser()) if self.path is not None else f"dataset {self.name!r}"
+
+    def check(self, key: str) -> None:
+        if self.path is not None and self.name is not None:
+            raise ConfigError(f"{key}.name: set {key}.path (a local file) or {key}.name (a dataset), not both")
+        if self.path is not None:
+            path = Path(self.path).expanduser()
+            if not path.exists():
+                raise ConfigError(f"{key}.path: file not found: {path}")
+            if path.is_file() and path.suffix.lower() not in DATA_FILE_TYPES:
+                raise ConfigError(f"{key}.path: unsupported file type {path.suffix!r} of {path} "
+                                  f"(one of {', '.join(DATA_FILE_TYPES)})")
+        _check(self.limit is None or self.limit > 0, f"{key}.limit", "must be > 0 or null", self.limit)
+
+
 @dataclass
 class DataConfig:
-    source: str = "reviews"  # reviews (the embedded synthetic world)
-    num_sft_examples: int = 4000
+    source: str = "reviews"  # reviews (the embedded synthetic world) | files (prompts/sft/preferences below)
+    prompts: DataSourceConfig = field(default_factory=DataSourceConfig)  # PPO prompts (unset: preferences', sft's)
+    sft: DataSourceConfig = field(default_factory=DataSourceConfig)  # demonstrations: prompt + completion
+    preferences: DataSourceConfig = field(default_factory=DataSourceConfig)  # prompt + chosen + rejected
+    chat_template: bool = True  # files: render with the tokenizer's chat template when it has one
+    long_prompts: str = "truncate_left"  # prompts over max_prompt_len tokens: truncate_left | drop
+    heldout_fraction: float = 0.1  # files without eval_split: rows held out for SFT validation / eval prompts
+    num_sft_examples: int = 4000  # reviews world sizes (files: data.<source>.limit)
     num_prompts: int = 2048
     num_eval_prompts: int = 128
     max_prompt_len: int = 16
     seed: int = 0
     gold: Optional[Any] = None  # {_target_: ...}: a gold scorer f(prompts, responses) for evaluation only
 
+    SOURCES = ("prompts", "sft", "preferences")
+
     def check(self) -> None:
-        _choice("data.source", self.source, ("reviews",))
+        _choice("data.source", self.source, ("reviews", "files"))
+        _choice("data.long_prompts", self.long_prompts, ("truncate_left", "drop"))
+        _check(0.0 < self.heldout_fraction < 1.0, "data.heldout_fraction", "must be in (0, 1)", self.heldout_fraction)
         for key in ("num_sft_examples", "num_prompts", "num_eval_prompts", "max_prompt_len"):
             _check(getattr(self, key) > 0, f"data.{key}", "must be > 0", getattr(self, key))
+        for name in self.SOURCES:
+            spec = getattr(self, name)
+            if spec.is_set() and self.source != "files":
+                raise ConfigError(f"data.{name}: set data.source=files to read data from files "
+                                  f"(data.source={self.source} generates its own)")
+            spec.check(f"data.{name}")
+
+    def check_stage(self, stage: str) -> None:
+        """The sources that `stage` reads are set (data.source=files)."""
+        if self.source != "files":
+            return
+        if stage in ("sft", "pipeline") and not self.sft.is_set():
+            raise ConfigError(f"data.sft.path: stage={stage} with data.source=files needs demonstrations "
+                              "(data.sft.path or data.sft.name)")
+        if stage in ("rm", "pipeline") and not self.preferences.is_set():
+            raise ConfigError(f"data.preferences.path: stage={stage} with data.source=files needs preference "
+                              "pairs (data.preferences.path or data.preferences.name)")
+        if stage == "ppo" and self.prompt_source()[1] is None:
+            raise ConfigError("data.prompts.path: stage=ppo with data.source=files needs prompts "
+                              "(data.prompts, data.preferences or data.sft)")
+
+    def prompt_source(self) -> tuple[str, Optional[DataSourceConfig]]:
+        """(key, spec) of the PPO prompts: data.prompts, else the prompts of preferences, else of sft."""
+        for name in self.SOURCES:
+            if getattr(self, name).is_set():
+                return f"data.{name}", getattr(self, name)
+        return "data.prompts", None
 
 
 @dataclass

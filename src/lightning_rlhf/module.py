@@ -34,7 +34,8 @@ class PPOModule(L.LightningModule):
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         ppo = self.cfg.trainer.ppo
-        opt = torch.optim.AdamW(self.policy.parameters(), lr=ppo.lr, weight_decay=ppo.weight_decay)
+        params = [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: adapters + value head
+        opt = torch.optim.AdamW(params, lr=ppo.lr, weight_decay=ppo.weight_decay)
         warmup = max(1, ppo.warmup_iterations)  # the scheduler steps once per PPO iteration
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda iteration: min(1.0, (iteration + 1) / warmup))
         return [opt], [sched]

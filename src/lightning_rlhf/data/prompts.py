@@ -3,16 +3,50 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 from torch.utils.data import Dataset
 
+from lightning_rlhf.config import ConfigError
+
+log = logging.getLogger("lightning_rlhf")
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, BOS first when the tokenizer has one and the text does not start with it
+    (a chat template may already write it)."""
+    bos_id, bos = tokenizer.bos_token_id, tokenizer.bos_token
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [ids if bos_id is None or (bos and t.startswith(bos)) else [bos_id] + ids for t, ids in zip(texts, encoded)]
+
 
 def encode_prompts(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
-    """Token ids of each prompt, BOS first when the tokenizer has one, truncated from the left."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [(bos + ids)[-max_len:] for ids in encoded]
+    """Token ids of each prompt (BOS first, see encode_texts), truncated from the left to max_len."""
+    return [ids[-max_len:] for ids in encode_texts(tokenizer, texts)]
+
+
+def long_prompt_mask(tokenizer, texts: list[str], max_len: int) -> list[bool]:
+    """True for each prompt longer than max_len tokens (as encode_prompts counts them)."""
+    return [len(ids) > max_len for ids in encode_texts(tokenizer, texts)]
+
+
+def report_long_prompts(what: str, n_total: int, n_long: int, max_len: int, policy: str) -> None:
+    """One log line: how many prompts were over data.max_prompt_len and what happened to them."""
+    action = "dropped" if policy == "drop" else "truncated from the left"
+    log.log(logging.WARNING if n_long else logging.INFO,
+            "%s: %d rows, %d with a prompt longer than data.max_prompt_len=%d tokens (%s)", what, n_total, n_long,
+            max_len, action)
+    if n_long and policy == "drop" and n_long == n_total:
+        raise ConfigError(f"data.max_prompt_len: every prompt of {what} is longer than {max_len} tokens "
+                          "and data.long_prompts=drop drops them all")
+
+
+def fit_prompts(tokenizer, texts: list[str], max_len: int, policy: str, what: str) -> list[int]:
+    """Indices of the prompts to keep under `data.long_prompts` (truncate_left keeps all), reported."""
+    long = long_prompt_mask(tokenizer, texts, max_len)
+    report_long_prompts(what, len(texts), sum(long), max_len, policy)
+    return [i for i, is_long in enumerate(long) if not (is_long and policy == "drop")]
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,15 +51,24 @@ def build_config(cfg: ModelConfig, tokenizer, **overrides):
 
 
 def load_causal_lm(cfg: ModelConfig, tokenizer, seed: int = 0):
-    """The policy LM: from_pretrained(model.name_or_path), or a fresh model from model.config."""
-    if cfg.name_or_path is not None:
-        try:
+    """The policy LM: from_pretrained(model.name_or_path), or a fresh model from model.config.
+
+    Any causal LM architecture transformers knows; model.torch_dtype and model.attn_implementation
+    pass through. The embeddings grow when the tokenizer is larger (a pad token was added).
+    """
+    try:
+        if cfg.name_or_path is not None:
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **_kwargs(cfg))
-        except OSError as err:
-            raise ConfigError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {err}") from None
-    else:
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(build_config(cfg, tokenizer), **_kwargs(cfg))
+        else:
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(build_config(cfg, tokenizer), **_kwargs(cfg))
+    except OSError as err:
+        raise ConfigError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {err}") from None
+    except (ValueError, ImportError) as err:
+        if cfg.attn_implementation and (cfg.attn_implementation in str(err) or "Attention" in str(err)):
+            first = str(err).splitlines()[0][:300]
+            raise ConfigError(f"model.attn_implementation: cannot use {cfg.attn_implementation!r}: {first}") from None
+        raise
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

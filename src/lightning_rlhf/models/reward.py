@@ -61,7 +61,7 @@ class RewardModel(nn.Module):
     def forward(self, seqs: "Sequences") -> torch.Tensor:
         if self.same_tokenizer:
             return self.score_ids(seqs.input_ids, seqs.attention_mask)
-        return self.score_texts([p + r for p, r in zip(seqs.prompts, seqs.responses)])
+        return self.score_texts(seqs.texts)
 
 
 class FunctionReward(nn.Module):
@@ -100,6 +100,13 @@ class Sequences:
     @property
     def responses(self) -> list[str]:
         return self._decode()[1]
+
+
+    @property
+    def texts(self) -> list[str]:
+        """Prompt and response decoded together (decoding the parts apart can drop the space between them)."""
+        return [self._tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(self.input_ids,
+                                                                                           self.attention_mask)]
 
 
 class RunningMoments(nn.Module):

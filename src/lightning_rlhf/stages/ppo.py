@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -9,11 +10,11 @@ import lightning as L
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from lightning_rlhf.config import ModelConfig, RunConfig
-from lightning_rlhf.data.prompts import PromptBatches, encode_prompts, left_pad
+from lightning_rlhf.config import RunConfig
+from lightning_rlhf.data.prompts import PromptBatches, encode_prompts, fit_prompts, left_pad
 from lightning_rlhf.evaluation import evaluate_policy
 from lightning_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
-from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy
+from lightning_rlhf.models.lora import build_policy_and_ref
 from lightning_rlhf.models.reward import FunctionReward, RewardModel
 from lightning_rlhf.module import PPOModule
 from lightning_rlhf.stages.common import build_trainer, write_csv
@@ -28,7 +29,17 @@ def build_reward(cfg: RunConfig, policy_tokenizer, reward_path: str | None = Non
     return RewardModel(model, rm_tokenizer, policy_tokenizer, cfg.reward.micro_batch_size)
 
 
-def prompt_texts(cfg: RunConfig, split: str, n: int) -> list[str]:
+def prompt_texts(cfg: RunConfig, split: str, n: int, tokenizer=None) -> list[str]:
+    """Prompts of `split` (train | heldout): n from the review world, or the rendered rows of
+    data.prompt_source() (held-out ones capped at n; long prompts reported, dropped under long_prompts=drop)."""
+    if cfg.data.source == "files":
+        from lightning_rlhf.data.files import load_prompts
+
+        texts = load_prompts(cfg.data, tokenizer)[0 if split == "train" else 1]
+        texts = texts if split == "train" else texts[:n]
+        keep = fit_prompts(tokenizer, texts, cfg.data.max_prompt_len, cfg.data.long_prompts,
+                           f"{cfg.data.prompt_source()[0]} prompts ({split})")
+        return [texts[i] for i in keep]
     from lightning_rlhf.data.reviews import generate_prompts
 
     return generate_prompts(n, seed=cfg.data.seed + (0 if split == "train" else 1), split=split)
@@ -60,19 +71,20 @@ def run_ppo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward
     t0 = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ppo = cfg.trainer.ppo
-    model_cfg = cfg.model if policy_path is None else ModelConfig(name_or_path=policy_path)
+    model_cfg = cfg.model if policy_path is None else dataclasses.replace(cfg.model, name_or_path=policy_path, config=None)
     tokenizer = load_tokenizer(policy_path or cfg.model.tokenizer or cfg.model.name_or_path)
     lm = load_causal_lm(model_cfg, tokenizer, cfg.seed)
-    policy, ref = PolicyWithValueHead(lm), frozen_copy(lm)
+    policy, ref = build_policy_and_ref(lm, cfg.model.lora)  # with LoRA: ref = the backbone, adapters off
     reward = build_reward(cfg, tokenizer, reward_path)
     gold_fn = instantiate(cfg.data.gold) if cfg.data.gold else None
     module = PPOModule(policy, ref, reward, tokenizer, cfg)
 
-    eval_batch = left_pad(encode_prompts(tokenizer, prompt_texts(cfg, "heldout", cfg.data.num_eval_prompts),
+    eval_batch = left_pad(encode_prompts(tokenizer, prompt_texts(cfg, "heldout", cfg.data.num_eval_prompts, tokenizer),
                                          cfg.data.max_prompt_len), tokenizer.pad_token_id)
     evaluator = EvalEvery(module, eval_batch, gold_fn, cfg.trainer.eval_every, folder)
     trainer = build_trainer(cfg, folder, "ppo", max_epochs=1, callbacks=[evaluator])
-    prompts = encode_prompts(tokenizer, prompt_texts(cfg, "train", cfg.data.num_prompts), cfg.data.max_prompt_len)
+    prompts = encode_prompts(tokenizer, prompt_texts(cfg, "train", cfg.data.num_prompts, tokenizer),
+                             cfg.data.max_prompt_len)
     dataset = PromptBatches(prompts, ppo.rollout_batch_size, ppo.iterations, tokenizer.pad_token_id, cfg.seed,
                             trainer.global_rank, trainer.world_size)
     loader = DataLoader(dataset, batch_size=None, shuffle=False)

@@ -1,11 +1,13 @@
 """Reward-model stage: Bradley-Terry training on preference pairs; reports held-out pairwise accuracy.
 
 For the embedded review world the pairs are two samples of the SFT policy for one prompt, labelled
-by a simulated noisy human (VADER compound + Bradley-Terry sampling).
+by a simulated noisy human (VADER compound + Bradley-Terry sampling). With data.source=files they are
+the (prompt, chosen, rejected) rows of data.preferences, each side encoded like an SFT demonstration.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_rlhf.config import RunConfig
-from lightning_rlhf.data.prompts import encode_prompts, left_pad
+from lightning_rlhf.data.prompts import encode_prompts, fit_prompts, left_pad
 from lightning_rlhf.losses import bradley_terry_loss
 from lightning_rlhf.models.loading import load_causal_lm, load_tokenizer, sequence_classifier_from_causal_lm
 from lightning_rlhf.models.policy import disable_dropout
@@ -55,6 +57,23 @@ def label_pairs(pairs, cfg: RunConfig):
     return out
 
 
+def file_pairs(cfg: RunConfig, tokenizer) -> tuple[list, list]:
+    """(train, held-out) rows (chosen_ids, rejected_ids, 0.0) from data.preferences (no gold margin)."""
+    from lightning_rlhf.data.files import load_preferences
+    from lightning_rlhf.stages.sft import encode_demonstrations
+
+    data, max_len = cfg.data, cfg.trainer.sft.max_len
+    out = []
+    for split, triples in zip(("train", "heldout"), load_preferences(data, tokenizer, cfg.trainer.rm.heldout_fraction)):
+        keep = fit_prompts(tokenizer, [t[0] for t in triples], data.max_prompt_len, data.long_prompts,
+                           f"data.preferences ({split})")
+        triples = [triples[i] for i in keep]
+        chosen = encode_demonstrations(tokenizer, [(p, c) for p, c, _ in triples], max_len, data.max_prompt_len)
+        rejected = encode_demonstrations(tokenizer, [(p, r) for p, _, r in triples], max_len, data.max_prompt_len)
+        out.append([(c[0], r[0], 0.0) for c, r in zip(chosen, rejected)])
+    return out[0], out[1]
+
+
 def collate_pairs(rows, pad_id: int) -> dict[str, torch.Tensor]:
     ids, mask = left_pad([r[0] for r in rows] + [r[1] for r in rows], pad_id)
     return {"input_ids": ids, "attention_mask": mask, "gold_margin": torch.tensor([r[2] for r in rows])}
@@ -93,24 +112,33 @@ class RewardModelModule(L.LightningModule):
 
 
 def run_rm(cfg: RunConfig, folder: Path, policy_path: str | None = None) -> dict:
-    """Sample + label pairs from the policy at `policy_path` (default model.name_or_path), train, save."""
+    """Pairs from data.preferences, or sampled from the policy at `policy_path` (default
+    model.name_or_path) and labelled (review world); train the reward model from the policy; save."""
     from lightning_rlhf.data.reviews import generate_prompts
 
     t0 = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     rm_cfg = cfg.trainer.rm
-    model_cfg = cfg.model if policy_path is None else type(cfg.model)(name_or_path=policy_path)
+    # the reward model trains in full (no LoRA); dtype and attention options pass through
+    model_cfg = dataclasses.replace(cfg.model, lora=None)
+    if policy_path is not None:
+        model_cfg = dataclasses.replace(model_cfg, name_or_path=policy_path, config=None, tokenizer=None)
     tokenizer = load_tokenizer(policy_path or cfg.model.tokenizer or cfg.model.name_or_path)
-    lm = load_causal_lm(model_cfg, tokenizer, cfg.seed).eval()
-    prompts = generate_prompts(rm_cfg.num_pairs, seed=cfg.data.seed + 7, split="train")
-    rows = label_pairs(sample_pairs(lm, tokenizer, prompts, cfg), cfg)
-    n_val = max(1, int(len(rows) * rm_cfg.heldout_fraction))
-    train_rows, val_rows = rows[n_val:], rows[:n_val]
+    if cfg.data.source == "files":
+        train_rows, val_rows = file_pairs(cfg, tokenizer)  # before the model loads: data errors come first
+        lm = load_causal_lm(model_cfg, tokenizer, cfg.seed).eval()
+        rows = train_rows + val_rows
+    else:
+        lm = load_causal_lm(model_cfg, tokenizer, cfg.seed).eval()
+        prompts = generate_prompts(rm_cfg.num_pairs, seed=cfg.data.seed + 7, split="train")
+        rows = label_pairs(sample_pairs(lm, tokenizer, prompts, cfg), cfg)
+        n_val = max(1, int(len(rows) * rm_cfg.heldout_fraction))
+        train_rows, val_rows = rows[n_val:], rows[:n_val]
     if rm_cfg.init == "policy":
         model = sequence_classifier_from_causal_lm(lm, cfg.seed)
     else:
-        model = sequence_classifier_from_causal_lm(load_causal_lm(type(cfg.model)(config=cfg.model.config),
-                                                                  tokenizer, cfg.seed + 1), cfg.seed)
+        fresh = dataclasses.replace(model_cfg, name_or_path=None, config=cfg.model.config)
+        model = sequence_classifier_from_causal_lm(load_causal_lm(fresh, tokenizer, cfg.seed + 1), cfg.seed)
     model.config.pad_token_id = tokenizer.pad_token_id
     collate = lambda r: collate_pairs(r, tokenizer.pad_token_id)  # noqa: E731
     gen = torch.Generator().manual_seed(cfg.seed)
