@@ -320,18 +320,80 @@ class TrainerConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """ZeRO options (hardware.strategy=deepspeed); mapped onto DeepSpeed's JSON config in strategies.py."""
+
+    stage: int = 2  # 1: optimizer state sharded, 2: + gradients, 3: + parameters
+    offload_optimizer: bool = False  # optimizer state (and its step) in CPU memory
+    offload_parameters: bool = False  # parameters in CPU memory (stage 3 only)
+    cpu_adam: bool = False  # with offload_optimizer: DeepSpeedCPUAdam (compiled once, ~1 min) instead of torch AdamW
+    allgather_bucket_size: int = 200_000_000  # elements per all-gather bucket (stages 1-2)
+    reduce_bucket_size: int = 200_000_000  # elements per gradient reduce bucket
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    prefetch_bucket_size: int = 50_000_000  # stage 3: elements prefetched ahead of the forward
+    param_persistence_threshold: int = 100_000  # stage 3: parameters smaller than this stay gathered
+    max_live_parameters: int = 1_000_000_000  # stage 3: gathered elements kept at most
+    micro_batch_size: Optional[int] = None  # train_micro_batch_size_per_gpu (DeepSpeed's throughput log); null -> 1
+    gather_for_generation: bool = True  # stage 3: gather the policy once per rollout (needs its full size per rank)
+    shard_frozen_models: bool = True  # stage 3: partition the reference and reward models too (inference engines)
+    config: Optional[dict] = None  # extra DeepSpeed JSON keys merged last (expert escape hatch)
+
+    def check(self) -> None:
+        _choice("hardware.deepspeed.stage", self.stage, (1, 2, 3))
+        _check(not self.offload_parameters or self.stage == 3, "hardware.deepspeed.offload_parameters",
+               "parameter offload needs hardware.deepspeed.stage=3", self.offload_parameters)
+        _check(not self.cpu_adam or self.offload_optimizer, "hardware.deepspeed.cpu_adam",
+               "DeepSpeedCPUAdam is for hardware.deepspeed.offload_optimizer=true", self.cpu_adam)
+        for key in ("allgather_bucket_size", "reduce_bucket_size", "prefetch_bucket_size", "max_live_parameters"):
+            _check(getattr(self, key) > 0, f"hardware.deepspeed.{key}", "must be > 0", getattr(self, key))
+        _check(self.param_persistence_threshold >= 0, "hardware.deepspeed.param_persistence_threshold",
+               "must be >= 0", self.param_persistence_threshold)
+        _check(self.micro_batch_size is None or self.micro_batch_size > 0, "hardware.deepspeed.micro_batch_size",
+               "must be > 0 or null", self.micro_batch_size)
+        if self.config:
+            _check("gradient_accumulation_steps" not in self.config, "hardware.deepspeed.config",
+                   "gradient accumulation is set by trainer.ppo.minibatch_size / micro_batch_size", self.config)
+
+
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+
+
+@dataclass
 class HardwareConfig:
     name: str = "cpu"
-    accelerator: str = "cpu"
-    devices: Any = 1
+    accelerator: str = "cpu"  # cpu | gpu | cuda | auto
+    devices: Any = 1  # processes per node: an int, "auto" (every GPU; 1 on CPU) or a list of GPU ids
     num_nodes: int = 1
-    strategy: Any = "auto"
-    precision: str = "32-true"
-    threads: Optional[int] = None  # torch.set_num_threads
+    strategy: str = "auto"  # auto | ddp | deepspeed
+    precision: str = "32-true"  # Lightning's precision flag (bf16-mixed, ...) or auto: bf16-mixed on GPUs, else 32-true
+    threads: Optional[int] = None  # torch.set_num_threads (per process)
+    process_group_backend: Optional[str] = None  # null -> nccl on GPUs, gloo on CPU
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # read when strategy=deepspeed
 
     def check(self) -> None:
         _choice("hardware.accelerator", self.accelerator, ("cpu", "gpu", "cuda", "auto"))
         _check(self.num_nodes > 0, "hardware.num_nodes", "must be > 0", self.num_nodes)
+        _choice("hardware.strategy", self.strategy, ("auto", "ddp", "deepspeed"))
+        _choice("hardware.precision", str(self.precision), PRECISIONS)
+        _check(self.threads is None or self.threads > 0, "hardware.threads", "must be > 0 or null", self.threads)
+        _choice("hardware.process_group_backend", self.process_group_backend, (None, "gloo", "nccl"))
+        ok_devices = (self.devices == "auto" or (isinstance(self.devices, int) and (self.devices > 0 or self.devices == -1))
+                      or (isinstance(self.devices, (list, tuple)) and len(self.devices) > 0))
+        _check(ok_devices, "hardware.devices", "must be a positive int, -1, 'auto' or a list of device ids", self.devices)
+        if self.accelerator == "cpu":
+            _check(not isinstance(self.devices, (list, tuple)), "hardware.devices",
+                   "a list of device ids needs a GPU accelerator; on CPU give the number of processes", self.devices)
+        if self.strategy == "deepspeed":
+            self.deepspeed.check()
+            _check(self.precision not in ("16-mixed", "16-true") or self.accelerator != "cpu", "hardware.precision",
+                   "DeepSpeed on CPU runs 32-true or bf16", self.precision)
+
+    def world_size(self) -> Optional[int]:
+        """Processes in total when the config says so (None for devices=auto/-1: known at run time)."""
+        if isinstance(self.devices, (list, tuple)):
+            return len(self.devices) * self.num_nodes
+        return self.devices * self.num_nodes if isinstance(self.devices, int) and self.devices > 0 else None
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_rlhf.config import RunConfig
+from lightning_rlhf.strategies import make_strategy, resolve_precision
 
 
 class MetricsCSV(Callback):
@@ -79,8 +80,8 @@ def build_trainer(cfg: RunConfig, folder: Path, name: str, max_epochs: int, call
         accelerator=hw.accelerator,
         devices=hw.devices,
         num_nodes=hw.num_nodes,
-        strategy=hw.strategy,
-        precision=hw.precision,
+        strategy=make_strategy(hw),
+        precision=resolve_precision(hw),
         max_epochs=max_epochs,
         logger=build_logger(cfg, folder, name),
         callbacks=[MetricsCSV(folder / "metrics.csv"), *callbacks],
