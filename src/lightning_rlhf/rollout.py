@@ -10,7 +10,7 @@ from lightning_rlhf.experience import Experience
 from lightning_rlhf.losses import entropy_from_logits, kl_penalty, logprobs_from_logits
 from lightning_rlhf.models.policy import ref_logits
 from lightning_rlhf.models.reward import ScoreProcessor, Sequences
-from lightning_rlhf.sampling import generate, response_mask_from_ids
+from lightning_rlhf.sampling import generate, response_mask_from_ids, sample
 
 
 @torch.no_grad()
@@ -43,6 +43,36 @@ def forward_logprobs(policy, ref, seqs: Sequences, response_ids, temperature: fl
 
 
 @torch.no_grad()
+def sample_with_logprobs(policy, prompt_ids, prompt_mask, gen: GenerationConfig, tokenizer):
+    """Sample and keep what the sampler computed anyway: no second policy forward pass.
+
+    -> response_ids (B, T), response_mask (B, T) bool, logprobs, values, entropy: each (B, T) fp32.
+    The KV-cache decode and a full forward pass agree up to float rounding (the PPO ratio starts at 1).
+    """
+    out = sample(
+        policy.lm, prompt_ids, prompt_mask, gen.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+        gen.temperature, gen.top_k, gen.top_p, with_logprobs=True, value_head=policy.value_head,
+    )
+    response_mask = response_mask_from_ids(out.response_ids, tokenizer.eos_token_id)
+    return out.response_ids, response_mask, out.logprobs, out.values, out.entropy
+
+
+@torch.no_grad()
+def reference_logprobs(ref, seqs: Sequences, response_ids, temperature: float, micro_batch_size: int):
+    """log pi_ref of the response tokens, in chunks of `micro_batch_size` sequences. -> (B, T) fp32."""
+    T = response_ids.shape[1]
+    outs = []
+    for i in range(0, response_ids.shape[0], micro_batch_size):
+        sl = slice(i, i + micro_batch_size)
+        ids, attn = seqs.input_ids[sl], seqs.attention_mask[sl].long()
+        logits = ref_logits(ref, ids, attn, T).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        outs.append(logprobs_from_logits(logits, response_ids[sl]))
+    return torch.cat(outs)
+
+
+@torch.no_grad()
 def make_experience(
     policy,
     ref,
@@ -62,11 +92,11 @@ def make_experience(
     Statistics that normalise (advantage whitening, score normalisation) are global over ranks when
     `all_reduce` (a sum over ranks) is given.
     """
-    response_ids, response_mask = sample_responses(policy, prompt_ids, prompt_mask, gen, tokenizer)
-    seqs = Sequences(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer)
-    logprobs, values, entropy, ref_lp = forward_logprobs(
-        policy, ref, seqs, response_ids, gen.temperature, micro_batch_size
+    response_ids, response_mask, logprobs, values, entropy = sample_with_logprobs(
+        policy, prompt_ids, prompt_mask, gen, tokenizer
     )
+    seqs = Sequences(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer)
+    ref_lp = reference_logprobs(ref, seqs, response_ids, gen.temperature, micro_batch_size)
     raw_scores = reward(seqs).float()
     has_eos = ((response_ids == tokenizer.eos_token_id) & response_mask).any(dim=1)
     scores = score_processor(raw_scores, has_eos, all_reduce)

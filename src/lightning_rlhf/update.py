@@ -15,29 +15,32 @@ def ppo_loss(policy, exp: Experience, loss_cfg: LossConfig, temperature: float) 
 
     Each term is a token-level masked mean over this micro-batch; the caller weights micro-batches
     by their share of the minibatch's valid tokens so that accumulation equals the full-batch loss.
+    The (B, T, V) entropy is computed (and reported as loss/entropy) only when its coefficient is on:
+    the rollout reports the policy's entropy every iteration anyway (objective/entropy).
     """
     mask = exp.response_mask
     input_ids = torch.cat([exp.prompt_ids, exp.response_ids], dim=1)
     attention_mask = torch.cat([exp.prompt_mask, mask], dim=1).long()
     logits, values = policy(input_ids, attention_mask, exp.response_ids.shape[1])
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1.0:  # a (B, T, V) op forward and backward: skip it when it is the identity
+        logits = logits / temperature
     logprobs = logprobs_from_logits(logits, exp.response_ids)
     pg_loss, pg_stats = policy_loss(logprobs, exp.old_logprobs, exp.advantages, mask, loss_cfg.clip_eps)
     vf_loss, vf_stats = value_loss(values, exp.old_values, exp.returns, mask, loss_cfg.value_clip_eps)
+    loss = pg_loss + loss_cfg.vf_coef * vf_loss
+    stats = {}
     if loss_cfg.entropy_coef > 0:
         entropy = masked_mean(entropy_from_logits(logits), mask)
-    else:  # skip the (B, T, V) softmax when the bonus is off; still reported
-        with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(logits), mask)
-    loss = pg_loss + loss_cfg.vf_coef * vf_loss - loss_cfg.entropy_coef * entropy
-    stats = {
+        loss = loss - loss_cfg.entropy_coef * entropy
+        stats["loss/entropy"] = entropy.detach()
+    stats |= {
         "policy/loss": pg_loss.detach(),
         "policy/approx_kl": pg_stats["approx_kl"],
         "policy/clipfrac": pg_stats["clipfrac"],
         "critic/loss": vf_loss.detach(),
         "critic/clipfrac": vf_stats["clipfrac"],
         "loss/total": loss.detach(),
-        "loss/entropy": entropy.detach(),
     }
     return loss, stats
 

@@ -1,0 +1,399 @@
+"""lightning-rlhf vs TRL's PPO trainer, side by side, on identical settings.
+
+    .venv/bin/python bench/bench_trl.py            # the table, the scaling, then `speedup_vs_trl: X.XX`
+    .venv/bin/python bench/bench_trl.py --quick    # seconds: a smoke run of the whole script (tests)
+
+Three processes, one per side, each importing only its own framework:
+  lightning-rlhf  PPOModule driven by a real Lightning Trainer (stages.common.build_trainer, as rlhf-train)
+  trl             trl.experimental.ppo.PPOTrainer (trl==1.12.0) as shipped
+  trl-nogc        the same, with the module's `gc.collect()` (two calls per step) made a no-op
+The parent starts them, waits until each has built its models and entered its training loop, then
+hands out one PPO iteration at a time, round-robin (the order rotates every round), so that the
+machine's background load falls on every side alike. A side's training loop blocks in a callback
+between iterations (Lightning: on_train_batch_end; TRL: on_step_end): the time a side waits for its
+turn is never counted.
+
+Timed per iteration (wall clock, `time.perf_counter`; CPU time of the process beside it):
+  iteration   from the go signal to the end of the iteration's last callback, so everything each
+              framework does per iteration counts: data loading, rollout, update, logging, TRL's
+              trailing gc.collect()/empty_cache
+  rollout     ours: on_train_batch_start -> entry of PPOModule.ppo_update
+              TRL:  entry of batch_generation -> first forward of the policy-and-value wrapper
+  update      ours: PPOModule.ppo_update; TRL: first wrapper forward -> on_step_end
+Tokens are response tokens (up to and including the first EOS): rollout tok/s = tokens / rollout,
+update tok/s = epochs x tokens / update.
+Peak memory: each process resets its peak RSS (VmHWM, /proc/self/clear_refs) when the first timed
+iteration starts; "iter MB" is the peak RSS over the timed iterations minus the RSS at that moment
+(what an iteration allocates on top of the resident models, optimizer state and libraries), "peak MB"
+the process's peak RSS over the same iterations (includes each framework's imports and models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+OURS, TRL, TRL_NOGC = "lightning-rlhf", "trl", "trl-nogc"
+SIDES = (OURS, TRL, TRL_NOGC)
+
+
+# ---- in each worker process ----------------------------------------------------------------------
+class Probe:
+    """The worker's side of the protocol: wait for 'go', time one iteration, report it."""
+
+    def __init__(self, conn, iterations: int):
+        self.conn, self.iterations = conn, iterations
+        self.done, self.marks, self.tokens = 0, {}, 0
+        self.base_rss = None
+
+    def wait_go(self) -> None:
+        if self.done == 0:
+            self.conn.send(("ready", None))
+        _, reset_memory = self.conn.recv()
+        if reset_memory:
+            common.reset_peak_rss()
+            self.base_rss = common.rss_mb()
+        self.marks = {}
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, time.perf_counter())
+
+    def end(self) -> None:
+        t, c = time.perf_counter(), time.process_time()
+        rollout_start, update_start = self.marks.get("rollout"), self.marks.get("update")
+        update_end = self.marks.get("update_end", t)
+        self.conn.send(("result", {
+            "iter_s": t - self.t0,
+            "cpu_s": c - self.c0,
+            "rollout_s": update_start - rollout_start if rollout_start and update_start else None,
+            "update_s": update_end - update_start if update_start else None,
+            "tokens": self.tokens,
+            "peak_rss_mb": common.peak_rss_mb(),
+            "base_rss_mb": self.base_rss,
+        }))
+        self.done += 1
+        if self.done < self.iterations:
+            self.wait_go()
+
+
+def run_ours(s: common.Settings, iterations: int, probe: Probe, folder: Path) -> None:
+    import lightning as L
+    from omegaconf import OmegaConf
+    from torch.utils.data import DataLoader
+
+    from lightning_rlhf.config import validate
+    from lightning_rlhf.data.prompts import PromptBatches
+    from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy
+    from lightning_rlhf.models.reward import RewardModel
+    from lightning_rlhf.module import PPOModule
+    from lightning_rlhf.stages.common import build_trainer
+
+    cfg = validate(OmegaConf.create({
+        "stage": "ppo", "seed": s.seed,
+        "model": {"tokenizer": "reviews", "config": {"model_type": "llama"}},  # built below, from common
+        "reward": {"type": "model", "path": str(folder), "micro_batch_size": 64},
+        "generation": {"max_new_tokens": s.response_length, "temperature": s.temperature, "top_k": 0, "top_p": 1.0},
+        "loss": {"clip_eps": 0.2, "value_clip_eps": 0.2, "vf_coef": 0.1, "entropy_coef": 0.0, "kl_coef": s.kl_coef,
+                 "kl_target": None, "kl_estimator": "k1", "gamma": 1.0, "lam": 0.95, "whiten_advantages": True},
+        "trainer": {"ppo": {"iterations": iterations, "rollout_batch_size": s.batch_size,
+                            "minibatch_size": s.minibatch_size(), "micro_batch_size": s.minibatch_size(),
+                            "epochs": s.epochs, "lr": s.lr, "weight_decay": 0.0, "warmup_iterations": 0,
+                            "max_grad_norm": None, "rollout_micro_batch_size": 64},
+                    "eval_every": 0, "enable_progress_bar": False},
+        "hardware": {"threads": s.threads},
+        "logger": {"name": "none"},
+    }))
+    L.seed_everything(s.seed, verbose=False)
+    tok = common.tokenizer()
+    lm, rm = common.build_models(s, tok)
+    module = PPOModule(PolicyWithValueHead(lm), frozen_copy(lm), RewardModel(rm, tok, tok, 64), tok, cfg)
+    loader = DataLoader(PromptBatches(common.prompts(tok, s), s.batch_size, iterations, tok.pad_token_id, s.seed),
+                        batch_size=None)
+
+    inner_update = module.ppo_update
+
+    def timed_update(exp):
+        probe.mark("update")
+        probe.tokens = int(exp.response_mask.sum())
+        out = inner_update(exp)
+        probe.mark("update_end")
+        return out
+
+    module.ppo_update = timed_update
+
+    class Timing(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            probe.wait_go()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            probe.mark("rollout")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            probe.end()
+
+    trainer = build_trainer(cfg, folder, "ppo", max_epochs=1, callbacks=[Timing()])
+    trainer.fit(module, loader)
+
+
+def run_trl(s: common.Settings, iterations: int, probe: Probe, folder: Path, collect_garbage: bool) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer, ppo_trainer
+
+    if not collect_garbage:  # only this process's view of the module's `gc`
+        ppo_trainer.gc = type("NoGC", (), {"collect": staticmethod(lambda *args: 0)})
+
+    torch.manual_seed(s.seed)
+    tok = common.tokenizer()
+    lm, rm = common.build_models(s, tok)
+    critic = common.value_model(s, tok)
+    dataset = Dataset.from_list([{"input_ids": ids} for ids in common.prompts(tok, s)])
+    args = PPOConfig(
+        output_dir=str(folder), seed=s.seed, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=1, num_mini_batches=s.mini_batches,
+        num_ppo_epochs=s.epochs, total_episodes=s.batch_size * iterations, local_rollout_forward_batch_size=64,
+        response_length=s.response_length, temperature=s.temperature, stop_token="eos", missing_eos_penalty=None,
+        kl_coef=s.kl_coef, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95,
+        whiten_rewards=False, learning_rate=s.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        num_sample_generations=0, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1,
+        dataloader_num_workers=0,
+    )
+
+    original_generation = ppo_trainer.batch_generation
+
+    def timed_generation(*a, **k):
+        probe.mark("rollout")
+        query_responses, logits = original_generation(*a, **k)
+        queries = a[1] if len(a) > 1 else k["queries"]
+        probe.tokens = common.count_response_tokens(query_responses[:, queries.shape[1]:], tok.eos_token_id)
+        return query_responses, logits
+
+    ppo_trainer.batch_generation = timed_generation
+
+    class Timing(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            probe.wait_go()
+
+        def on_step_end(self, *a, **k):
+            probe.end()
+
+    trainer = PPOTrainer(args=args, processing_class=tok, model=lm, ref_model=None, reward_model=rm,
+                         train_dataset=dataset, value_model=critic, callbacks=[Timing()])
+    # the first forward of the policy-and-value wrapper in an iteration starts the update phase
+    trainer.model.register_forward_pre_hook(lambda *a: probe.mark("update"))
+    trainer.train()
+
+
+def worker(side: str, settings: dict, iterations: int, conn) -> None:
+    import tempfile
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # the frameworks' chatter; results and errors go through `conn`
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    s = common.Settings(**settings)
+    torch.set_num_threads(s.threads)
+    probe = Probe(conn, iterations)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"bench_{side}_") as folder:
+            if side == OURS:
+                run_ours(s, iterations, probe, Path(folder))
+            else:
+                run_trl(s, iterations, probe, Path(folder), collect_garbage=side == TRL)
+        if probe.done != iterations:
+            raise RuntimeError(f"{side} ran {probe.done} iterations, expected {iterations}")
+        conn.send(("exit", None))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+# ---- in the parent ---------------------------------------------------------------------------------
+def _receive(conn, side: str, expected: str):
+    try:
+        kind, payload = conn.recv()
+    except EOFError:
+        raise RuntimeError(f"the {side} worker died without a word (killed? out of memory?)") from None
+    if kind == "error":
+        raise RuntimeError(f"the {side} worker failed:\n{payload}")
+    if kind != expected:
+        raise RuntimeError(f"the {side} worker sent {kind!r}, expected {expected!r}")
+    return payload
+
+
+def side_by_side(settings: common.Settings, sides, warmup: int, iterations: int) -> dict[str, list[dict]]:
+    """Run `warmup + iterations` PPO iterations of each side, alternating; -> timed results per side."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    total = warmup + iterations
+    procs, conns = {}, {}
+    for side in sides:
+        parent_conn, child_conn = ctx.Pipe()
+        procs[side] = ctx.Process(target=worker, args=(side, settings.as_dict(), total, child_conn), daemon=True)
+        procs[side].start()
+        child_conn.close()
+        conns[side] = parent_conn
+    try:
+        for side in sides:
+            _receive(conns[side], side, "ready")
+        results = {side: [] for side in sides}
+        for r in range(total):
+            order = list(sides[r % len(sides):]) + list(sides[: r % len(sides)])
+            for side in order:
+                conns[side].send(("go", r == warmup))
+                res = _receive(conns[side], side, "result")
+                if r >= warmup:
+                    results[side].append(res)
+        for side in sides:
+            _receive(conns[side], side, "exit")
+    finally:
+        for side in sides:
+            procs[side].join(timeout=60)
+            if procs[side].is_alive():
+                procs[side].kill()
+    return results
+
+
+def summarize(runs: list[dict], settings: common.Settings) -> dict:
+    med = lambda key: common.median(r[key] for r in runs)
+    tokens = med("tokens")
+    out = {
+        "iter_ms": 1e3 * med("iter_s"),
+        "cpu_ms": 1e3 * med("cpu_s"),
+        "rollout_ms": 1e3 * med("rollout_s"),
+        "update_ms": 1e3 * med("update_s"),
+        "tokens": tokens,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "iter_mb": max(r["peak_rss_mb"] for r in runs) - runs[0]["base_rss_mb"],
+        "iterations": len(runs),
+    }
+    out["other_ms"] = out["iter_ms"] - out["rollout_ms"] - out["update_ms"]
+    out["rollout_tok_s"] = tokens / (out["rollout_ms"] / 1e3)
+    out["update_tok_s"] = settings.epochs * tokens / (out["update_ms"] / 1e3)
+    return out
+
+
+def print_table(summary: dict[str, dict]) -> None:
+    cols = [("iter ms", "iter_ms", "{:.1f}"), ("rollout ms", "rollout_ms", "{:.1f}"), ("update ms", "update_ms", "{:.1f}"),
+            ("other ms", "other_ms", "{:.1f}"), ("cpu ms", "cpu_ms", "{:.1f}"), ("rollout tok/s", "rollout_tok_s", "{:.0f}"),
+            ("update tok/s", "update_tok_s", "{:.0f}"), ("iter MB", "iter_mb", "{:.1f}"), ("peak MB", "peak_rss_mb", "{:.0f}"),
+            ("tokens", "tokens", "{:.0f}")]
+    print("| side | " + " | ".join(c[0] for c in cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for side, row in summary.items():
+        print(f"| {side} | " + " | ".join(fmt.format(row[key]) for _, key, fmt in cols) + " |")
+
+
+def machine() -> str:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), no GPU used, "
+            f"python {platform.python_version()}, torch {torch.__version__}")
+
+
+def versions() -> str:
+    from importlib.metadata import version
+
+    return ", ".join(f"{p} {version(p)}" for p in ("lightning", "transformers", "trl", "accelerate"))
+
+
+def scaling(base: common.Settings, warmup: int, iterations: int) -> list[dict]:
+    """lightning-rlhf alone: time per iteration as the batch size and the response length double."""
+    rows = []
+    for model, b, t in ((base.model, base.batch_size, base.response_length), ("25m", 8, 16)):
+        for mb, mt in ((1, 1), (2, 1), (1, 2), (2, 2)):
+            s = base.with_(model=model, batch_size=b * mb, response_length=t * mt)
+            res = summarize(side_by_side(s, (OURS,), warmup, iterations)[OURS], s)
+            rows.append({"model": model, "batch_size": s.batch_size, "response_length": s.response_length,
+                         "work": mb * mt, **res})
+            base_row = next(r for r in rows if r["model"] == model and r["work"] == 1)
+            print(f"| {model} | {s.batch_size} | {s.response_length} | {mb * mt}x | {res['iter_ms']:.1f} | "
+                  f"{res['iter_ms'] / base_row['iter_ms']:.2f}x | "
+                  f"{res['iter_ms'] / base_row['iter_ms'] / (mb * mt):.2f} |", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny settings, one warm-up and one timed iteration, no scaling")
+    p.add_argument("--model", default="tiny", choices=sorted(common.MODEL_SIZES))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--response-length", type=int, default=24)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--mini-batches", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: robust on a shared machine)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iterations", type=int, default=10, help="timed iterations per side")
+    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
+    p.add_argument("--no-scaling", action="store_true")
+    p.add_argument("--scaling-iterations", type=int, default=2)
+    p.add_argument("--json", type=Path, help="write every measurement here")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.batch_size, a.response_length, a.epochs, a.mini_batches = 4, 4, 1, 1
+        a.warmup, a.iterations, a.no_scaling = 1, 1, True
+    sides = tuple(x.strip() for x in a.sides.split(",") if x.strip())
+    if not sides or any(x not in SIDES for x in sides) or OURS not in sides:
+        p.error(f"--sides: a subset of {SIDES} that includes {OURS}")
+    if a.batch_size % a.mini_batches:
+        p.error("--mini-batches must divide --batch-size")
+    s = common.Settings(model=a.model, batch_size=a.batch_size, response_length=a.response_length, epochs=a.epochs,
+                        mini_batches=a.mini_batches, threads=a.threads)
+
+    print(f"# lightning-rlhf vs TRL PPO, {datetime.date.today().isoformat()}")
+    print(f"machine: {machine()}")
+    print(f"versions: {versions()}")
+    print(f"settings: {json.dumps(s.as_dict())}; {a.warmup} warm-up + {a.iterations} timed iterations per side, "
+          f"alternating; medians", flush=True)
+    results = side_by_side(s, sides, a.warmup, a.iterations)
+    summary = {side: summarize(results[side], s) for side in sides}
+    print_table(summary)
+
+    trl_sides = [x for x in (TRL, TRL_NOGC) if x in summary]
+    fastest_trl = min(trl_sides, key=lambda x: summary[x]["iter_ms"]) if trl_sides else None
+    ours = summary[OURS]
+    for x in trl_sides:
+        print(f"{x} / lightning-rlhf: time x{summary[x]['iter_ms'] / ours['iter_ms']:.2f}, "
+              f"cpu x{summary[x]['cpu_ms'] / ours['cpu_ms']:.2f}, rollout x{summary[x]['rollout_ms'] / ours['rollout_ms']:.2f}, "
+              f"update x{summary[x]['update_ms'] / ours['update_ms']:.2f}, iter MB x{summary[x]['iter_mb'] / max(ours['iter_mb'], 1e-9):.2f}, "
+              f"peak MB x{summary[x]['peak_rss_mb'] / ours['peak_rss_mb']:.2f}")
+
+    rows = []
+    if not a.no_scaling:
+        print("\nscaling (lightning-rlhf alone; cost per response token relative to the first row of each model):")
+        print("| model | batch | response len | work | iter ms | time ratio | ratio / work |")
+        print("|---|---|---|---|---|---|---|")
+        rows = scaling(s, 1, a.scaling_iterations)
+
+    if a.json:
+        a.json.write_text(json.dumps({"settings": s.as_dict(), "machine": machine(), "versions": versions(),
+                                      "results": results, "summary": summary, "scaling": rows}, indent=1))
+    speedup = summary[fastest_trl]["iter_ms"] / ours["iter_ms"] if fastest_trl else math.nan
+    print(f"speedup against the faster TRL variant ({fastest_trl}), median time per iteration:")
+    print(f"speedup_vs_trl: {speedup:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

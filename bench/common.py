@@ -1,0 +1,129 @@
+"""What the benchmarks share: the settings, the models built from one seed, the prompts, and the
+measuring tools (peak RSS on Linux, medians).
+
+Imports stay light at module level (no torch, no Lightning, no TRL): each benchmark side runs in its
+own process and imports only what it needs, so that neither side's peak memory nor its garbage
+collector's work counts the other's modules.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, replace
+
+# The policy of the default demo (conf/model/tiny_llama.yaml) and a ~25M-parameter one for scaling.
+MODEL_SIZES = {
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4),
+    "25m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=8),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One PPO setting, identical for both frameworks (see bench/RESULTS.md for the PPOConfig mapping)."""
+
+    model: str = "tiny"  # a key of MODEL_SIZES
+    batch_size: int = 16  # prompts per PPO iteration (rollout batch)
+    mini_batches: int = 2  # optimizer steps per PPO epoch
+    epochs: int = 4  # PPO epochs over each rollout batch
+    response_length: int = 24  # max new tokens
+    prompt_length: int = 16  # prompts are truncated to this many tokens (BOS included)
+    temperature: float = 1.0
+    kl_coef: float = 0.05
+    lr: float = 3e-4
+    threads: int = 1  # torch intra-op threads in each process
+    seed: int = 0
+
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.mini_batches
+
+    def label(self) -> str:
+        return f"{self.model} B={self.batch_size} T={self.response_length}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+
+def tokenizer():
+    from lightning_rlhf.models.loading import load_tokenizer
+
+    return load_tokenizer("reviews")
+
+
+def llama_config(settings: Settings, tok, num_labels: int | None = None):
+    from transformers import LlamaConfig
+
+    extra = {"num_labels": num_labels} if num_labels else {}
+    return LlamaConfig(
+        vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True, attention_dropout=0.0,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        **MODEL_SIZES[settings.model], **extra,
+    )
+
+
+def build_models(settings: Settings, tok):
+    """The policy LM and a reward model (LlamaForSequenceClassification, same architecture), each from
+    its own fixed seed: both frameworks start from identical weights."""
+    import torch
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(settings.seed)
+    policy = LlamaForCausalLM(llama_config(settings, tok))
+    torch.manual_seed(settings.seed + 1)
+    reward = LlamaForSequenceClassification(llama_config(settings, tok, num_labels=1))
+    return policy, reward
+
+
+def value_model(settings: Settings, tok):
+    """TRL's separate critic: the reward architecture (and weights), as TRL's examples initialise it."""
+    return build_models(settings, tok)[1]
+
+
+def prompts(tok, settings: Settings, n: int = 512) -> list[list[int]]:
+    from lightning_rlhf.data.prompts import encode_prompts
+    from lightning_rlhf.data.reviews import generate_prompts
+
+    return encode_prompts(tok, generate_prompts(n, seed=settings.seed), settings.prompt_length)
+
+
+def count_response_tokens(response_ids, eos_id: int) -> int:
+    """Tokens up to and including the first EOS of each row (the whole row if it has none)."""
+    is_eos = (response_ids == eos_id).long()
+    return int(((is_eos.cumsum(-1) - is_eos) == 0).sum())
+
+
+# ---- memory (Linux): peak resident set size, resettable -----------------------------------------
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def peak_rss_mb() -> float:
+    return _status_kb("VmHWM") / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def median(xs) -> float:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else float("nan")

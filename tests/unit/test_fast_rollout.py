@@ -1,0 +1,145 @@
+"""The rollout's fast paths compute the same numbers as the plain ones: the Llama decode step without
+the Hugging Face module stack, log-probs/values/entropy taken from the sampler instead of a second
+forward pass, inverse-CDF sampling, and the update's optional entropy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from lightning_rlhf.data.prompts import left_pad
+from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy
+from lightning_rlhf.models.reward import FunctionReward, ScoreProcessor, Sequences
+from lightning_rlhf.rollout import forward_logprobs, make_experience
+from lightning_rlhf.sampling import LlamaDecoder, sample, sample_from_probs
+from lightning_rlhf.update import ppo_loss
+from tests.conftest import tiny_run_config
+
+ROWS = [[2, 10, 11, 12, 13, 14], [2, 15], [2, 16, 17, 18]]  # left padded to different lengths
+
+
+def _llama(tokenizer, **kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(LlamaConfig(**{**cfg, **kw})).eval()
+
+
+def _policy(lm):
+    policy = PolicyWithValueHead(lm).eval()
+    torch.nn.init.normal_(policy.value_head.weight, std=1.0)  # zero-initialised otherwise: values would be 0
+    torch.nn.init.constant_(policy.value_head.bias, 0.3)
+    return policy
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_key_value_heads": 2, "attention_bias": True, "mlp_bias": True,
+                                    "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}}],
+                         ids=["llama", "gqa-bias-linear-rope"])
+def test_llama_decoder_equals_hugging_face_decoding(tokenizer, kw):
+    lm = _llama(tokenizer, **kw)
+    policy = _policy(lm)
+    assert LlamaDecoder.supported(lm)
+    ids, mask = left_pad(ROWS, tokenizer.pad_token_id)
+    outs = []
+    for fast in (False, True):
+        torch.manual_seed(1)
+        outs.append(sample(lm, ids, mask, 12, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=1.3,
+                           with_logprobs=True, value_head=policy.value_head, use_fast_decoder=fast))
+    hf, fast = outs
+    assert torch.equal(hf.response_ids, fast.response_ids)
+    torch.testing.assert_close(fast.logprobs, hf.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.values, hf.values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.entropy, hf.entropy, atol=1e-5, rtol=0)
+
+
+def test_llama_decoder_declines_what_it_does_not_cover(tokenizer):
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=64))
+    assert not LlamaDecoder.supported(gpt2)
+    lm = _llama(tokenizer, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    assert not LlamaDecoder.supported(lm)  # its inverse frequencies change with the sequence length
+    lm = _llama(tokenizer)
+    lm.model.layers[0].mlp.up_proj = torch.nn.Sequential(lm.model.layers[0].mlp.up_proj)  # e.g. an adapter
+    assert not LlamaDecoder.supported(lm)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sampler_statistics_equal_a_full_forward_pass(tokenizer, arch):
+    """What the rollout keeps from the sampler equals what a second forward pass would compute."""
+    if arch == "llama":
+        lm = _llama(tokenizer)
+    else:
+        torch.manual_seed(0)
+        lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                        eos_token_id=tokenizer.eos_token_id)).eval()
+    policy = _policy(lm)
+    ids, mask = left_pad(ROWS, tokenizer.pad_token_id)
+    torch.manual_seed(2)
+    out = sample(lm, ids, mask, 10, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=0.7,
+                 with_logprobs=True, value_head=policy.value_head)
+    from lightning_rlhf.sampling import response_mask_from_ids
+
+    rmask = response_mask_from_ids(out.response_ids, tokenizer.eos_token_id)
+    seqs = Sequences(ids, mask, out.response_ids, rmask, tokenizer)
+    logprobs, values, entropy, _ = forward_logprobs(policy, frozen_copy(lm), seqs, out.response_ids, 0.7, 2)
+    torch.testing.assert_close(out.logprobs[rmask], logprobs[rmask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.values[rmask], values[rmask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.entropy[rmask], entropy[rmask], atol=1e-5, rtol=0)
+
+
+def test_first_update_forward_sees_ratio_one(tokenizer):
+    """old_logprobs/old_values come from the sampler: the first PPO forward must reproduce them."""
+    cfg = tiny_run_config(generation={"max_new_tokens": 6, "temperature": 0.9}, loss={"kl_coef": 0.1})
+    lm = _llama(tokenizer)
+    policy = _policy(lm)
+    reward = FunctionReward(lambda prompts, responses: [float(len(r)) for r in responses])
+    ids, mask = left_pad(ROWS, tokenizer.pad_token_id)
+    exp, _ = make_experience(policy, frozen_copy(lm), reward, ScoreProcessor(), tokenizer, ids, mask,
+                             cfg.generation, cfg.loss, 0.1, 2)
+    micro = exp.trimmed()
+    with torch.no_grad():
+        _, stats = ppo_loss(policy, micro, cfg.loss, 0.9)
+    assert float(stats["policy/approx_kl"]) < 1e-9
+    assert float(stats["policy/clipfrac"]) == 0.0
+    input_ids = torch.cat([micro.prompt_ids, micro.response_ids], 1)
+    attn = torch.cat([micro.prompt_mask, micro.response_mask], 1).long()
+    with torch.no_grad():
+        _, values = policy(input_ids, attn, micro.response_ids.shape[1])
+    m = micro.response_mask
+    torch.testing.assert_close(values[m], micro.old_values[m], atol=1e-5, rtol=0)
+
+
+def test_entropy_only_when_its_coefficient_is_on(tokenizer):
+    lm = _llama(tokenizer)
+    policy = _policy(lm)
+    reward = FunctionReward(lambda prompts, responses: [1.0] * len(responses))
+    ids, mask = left_pad(ROWS, tokenizer.pad_token_id)
+    off = tiny_run_config(generation={"max_new_tokens": 5})
+    on = tiny_run_config(generation={"max_new_tokens": 5}, loss={"entropy_coef": 0.5})
+    exp, _ = make_experience(policy, frozen_copy(lm), reward, ScoreProcessor(), tokenizer, ids, mask,
+                             off.generation, off.loss, 0.05, 4)
+    loss_off, stats_off = ppo_loss(policy, exp, off.loss, 1.0)
+    loss_on, stats_on = ppo_loss(policy, exp, on.loss, 1.0)
+    assert "loss/entropy" not in stats_off
+    entropy = float(stats_on["loss/entropy"])
+    assert entropy > 0
+    assert float(loss_on) == pytest.approx(float(loss_off) - 0.5 * entropy, abs=1e-6)
+
+
+def test_inverse_cdf_sampling_never_draws_zero_probability_tokens():
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0],
+                          [0.2, 0.2, 0.2, 0.2, 0.0]]).repeat(3000, 1)
+    tokens = sample_from_probs(probs).view(3000, 4)
+    assert set(tokens[:, 0].tolist()) == {1, 3}
+    assert set(tokens[:, 1].tolist()) == {4}
+    assert set(tokens[:, 2].tolist()) == {0}
+    assert set(tokens[:, 3].tolist()) == {0, 1, 2, 3}
+    # frequencies: 3000 draws of 0.5 -> within 5 standard deviations
+    assert abs((tokens[:, 0] == 1).float().mean().item() - 0.5) < 5 * (0.25 / 3000) ** 0.5
+    # unnormalised weights are fine
+    torch.manual_seed(0)
+    w = torch.tensor([[1.0, 3.0]]).repeat(4000, 1)
+    frac = (sample_from_probs(w) == 1).float().mean().item()
+    assert abs(frac - 0.75) < 5 * (0.75 * 0.25 / 4000) ** 0.5
