@@ -400,11 +400,44 @@ class HardwareConfig:
 class LoggerConfig:
     name: str = "csv"  # csv | wandb | tensorboard | none
     project: str = "lightning-rlhf"
-    group: Optional[str] = None
-    tags: list = field(default_factory=list)
+    entity: Optional[str] = None  # W&B team or user (null = the key's default)
+    group: Optional[str] = None  # W&B run group (null = the experiment's name)
+    tags: list = field(default_factory=list)  # W&B tags (the sweep's name is added)
+    run_name: Optional[str] = None  # W&B run name (null = the job's overrides, or the run folder's name)
+    mode: str = "auto"  # W&B: auto (online with an API key, else offline; WANDB_MODE wins) | online | offline | disabled
+    samples_every: Optional[int] = None  # iterations between W&B tables of held-out samples (null = with each eval)
+    log_plots: bool = True  # W&B: upload the run's PNG plots at the end
 
     def check(self) -> None:
         _choice("logger.name", self.name, ("csv", "wandb", "tensorboard", "none"))
+        _choice("logger.mode", self.mode, ("auto", "online", "offline", "disabled"))
+        _check(self.samples_every is None or self.samples_every > 0, "logger.samples_every", "must be > 0 or null",
+               self.samples_every)
+
+
+@dataclass
+class CheckpointConfig:
+    """PPO checkpoints: atomic files <dir>/iter-NNNNNN.ckpt, the last `keep_last` kept."""
+
+    enabled: bool = True
+    every: int = 10  # PPO iterations between checkpoints (0 = only the final one)
+    keep_last: int = 2
+    dir: Optional[str] = None  # null = <run_dir>/checkpoints
+
+    def check(self) -> None:
+        _check(self.every >= 0, "checkpoint.every", "must be >= 0", self.every)
+        _check(self.keep_last > 0, "checkpoint.keep_last", "must be > 0", self.keep_last)
+
+
+@dataclass
+class StageCacheConfig:
+    """Content-addressed cache of the pipeline's SFT and reward-model outputs (shared by a sweep's jobs)."""
+
+    enabled: bool = True
+    dir: str = "~/.cache/lightning_rlhf"  # entries live in <dir>/stages/<stage>-<hash>
+
+    def check(self) -> None:
+        _check(bool(self.dir), "cache.dir", "must be a folder path", self.dir)
 
 
 @dataclass
@@ -420,13 +453,19 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cache: StageCacheConfig = field(default_factory=StageCacheConfig)
+    resume: Optional[str] = None  # null | auto (latest checkpoint of this run, if any) | a checkpoint file
     optimized_metric: Optional[str] = None  # summary key returned to a Hydra sweeper
 
     def check(self) -> None:
         _choice("stage", self.stage, ("ppo", "sft", "rm", "pipeline"))
         for section in (self.model, self.reward, self.data, self.loss, self.generation, self.trainer,
-                        self.hardware, self.logger):
+                        self.hardware, self.logger, self.checkpoint, self.cache):
             section.check()
+        if self.resume not in (None, "auto"):
+            _check(Path(self.resume).expanduser().exists(), "resume", "checkpoint not found (or use auto)",
+                   self.resume)
         if self.stage == "ppo" and self.reward.type == "model":
             _check(self.reward.path is not None, "reward.path",
                    "stage=ppo with reward.type=model needs the reward model folder", None)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
+from typing import Optional
 
 from lightning_rlhf.stages.common import read_csv
 
@@ -66,3 +68,225 @@ def samples_table(before: list[dict], after: list[dict], n: int = 12) -> str:
             row += f" {b['gold']:+.2f} -> {a['gold']:+.2f} |"
         lines.append(row)
     return "\n".join(lines) + "\n"
+
+
+# ---- rlhf-report: a run folder or a sweep folder -> tables and PNG plots -------------------------
+SEED_KEYS = ("seed", "ppo_seed")  # sweep parameters that make repetitions, not settings
+TABLE_METRICS = ("gold_score_final", "proxy_reward_final", "kl_final", "gold_score_gain", "rm_accuracy",
+                 "wall_s_ppo", "wall_s")
+FRONTIER = (("proxy_reward_final", ("proxy_reward_sft", "proxy_reward_initial"), "Proxy reward (the training reward)"),
+            ("gold_score_final", ("gold_score_sft", "gold_score_initial"), "Gold score (held-out)"))
+
+
+def _load_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _overrides(job_dir: Path) -> dict[str, str]:
+    """key -> value of the job's command-line and sweep overrides (.hydra/overrides.yaml)."""
+    from omegaconf import OmegaConf
+
+    path = Path(job_dir) / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return {}
+    out = {}
+    for item in OmegaConf.load(path):
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def collect_sweep(sweep_dir: Path) -> tuple[list[dict], list[str]]:
+    """One record per job folder: {job, status, params (swept keys only), summary}; and the swept keys."""
+    jobs = []
+    for job_dir in sorted(Path(sweep_dir).iterdir(), key=lambda p: (len(p.name), p.name)):
+        if not (job_dir / ".hydra").is_dir():
+            continue
+        summary = _load_json(job_dir / "summary.json")
+        status = summary.get("status", "completed" if summary else "unfinished")
+        jobs.append({"job": job_dir.name, "dir": job_dir, "overrides": _overrides(job_dir), "status": status,
+                     "summary": summary})
+    keys = list(dict.fromkeys(k for j in jobs for k in j["overrides"]))
+    swept = [k for k in keys if len({j["overrides"].get(k) for j in jobs}) > 1]
+    for j in jobs:
+        j["params"] = {k: j["overrides"].get(k) for k in swept}
+    return jobs, swept
+
+
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not vals:
+        return math.nan, math.nan, 0
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return mean, std, len(vals)
+
+
+def aggregate(jobs: list[dict], swept: list[str]) -> list[dict]:
+    """Group completed jobs by setting (the swept keys except seeds): mean, std and n of each metric."""
+    setting_keys = [k for k in swept if k not in SEED_KEYS]
+    groups: dict[tuple, list[dict]] = {}
+    for j in jobs:
+        groups.setdefault(tuple(j["params"].get(k) for k in setting_keys), []).append(j)
+    rows = []
+    for setting, members in groups.items():
+        done = [m for m in members if m["status"] == "completed"]
+        row = {"setting": dict(zip(setting_keys, setting)), "n": len(done), "failed": len(members) - len(done)}
+        metric_keys = dict.fromkeys(k for m in done for k, v in m["summary"].items()
+                                    if isinstance(v, (int, float)) and not isinstance(v, bool))
+        for key in metric_keys:
+            row[key] = _mean_std([m["summary"].get(key) for m in done])
+        rows.append(row)
+    rows.sort(key=lambda r: tuple((0, v) if isinstance(v, float) else (1, str(v))
+                                  for v in (_number(x) for x in r["setting"].values())))
+    return rows
+
+
+def _fmt(stat: tuple[float, float, int]) -> str:
+    mean, std, n = stat
+    if n == 0:
+        return "-"
+    return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """Markdown: one line per setting, mean ± std (sample std across seeds) of the main metrics."""
+    if not rows:
+        return "(no jobs)\n"
+    setting_keys = list(rows[0]["setting"])
+    metrics = [m for m in TABLE_METRICS if any(m in r for r in rows)]
+    head = [*setting_keys, "n", *metrics] + (["failed"] if any(r["failed"] for r in rows) else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["setting"][k]) for k in setting_keys] + [str(r["n"])]
+        cells += [_fmt(r[m]) if m in r else "-" for m in metrics]
+        if "failed" in head:
+            cells.append(str(r["failed"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(rows: list[dict], out: Path) -> Optional[Path]:
+    """Reward vs KL: one point per setting (mean over seeds, error bars = std), for the proxy reward
+    and the gold score side by side; the SFT policy (KL = 0) as a reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(y, ref, title) for y, ref, title in FRONTIER if any(r.get(y, (0, 0, 0))[2] for r in rows)]
+    rows = [r for r in rows if r.get("kl_final", (0, 0, 0))[2]]
+    if not panels or not rows:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), dpi=120, squeeze=False)
+    for ax, (y_key, ref_key, title) in zip(axes[0], panels):
+        pts = [r for r in rows if r.get(y_key, (0, 0, 0))[2]]
+        xs, xerr = [r["kl_final"][0] for r in pts], [r["kl_final"][1] for r in pts]
+        ys, yerr = [r[y_key][0] for r in pts], [r[y_key][1] for r in pts]
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="o-" if len(pts) > 1 else "o", capsize=3, label="PPO")
+        if len(pts) <= 12:
+            for r, x, y in zip(pts, xs, ys):
+                ax.annotate(",".join(f"{k.split('.')[-1]}={v}" for k, v in r["setting"].items()), (x, y),
+                            fontsize=6, xytext=(3, 3), textcoords="offset points")
+        refs = [r[k][0] for r in rows for k in ref_key if r.get(k, (0, 0, 0))[2]]
+        if refs:
+            ax.scatter([0.0], [sum(refs) / len(refs)], marker="s", color="gray", label="initial (SFT) policy")
+        ax.set(title=title, xlabel="KL(policy || reference) at the end, per sequence", ylabel=y_key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def report_sweep(sweep_dir: Path, out_dir: Path) -> str:
+    import csv
+
+    jobs, swept = collect_sweep(sweep_dir)
+    rows = aggregate(jobs, swept)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metric_keys = list(dict.fromkeys(k for j in jobs for k, v in j["summary"].items()
+                                     if isinstance(v, (int, float)) and not isinstance(v, bool)))
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["job", "status", *swept, *metric_keys], extrasaction="ignore")
+        writer.writeheader()
+        for j in jobs:
+            writer.writerow({"job": j["job"], "status": j["status"], **j["params"], **j["summary"]})
+    frontier = plot_frontier(rows, out_dir / "frontier.png")
+    text = f"# Sweep {Path(sweep_dir).resolve()}\n\n{len(jobs)} jobs, swept: {', '.join(swept) or '-'}; " \
+           f"{sum(j['status'] == 'completed' for j in jobs)} completed, " \
+           f"{sum(j['status'] == 'failed' for j in jobs)} failed.\n\n" + sweep_table(rows)
+    failed = [j for j in jobs if j["status"] == "failed"]
+    if failed:
+        text += "\nFailed jobs:\n" + "".join(f"- {j['job']} {j['params']}: {j['summary'].get('error', '')}\n"
+                                             for j in failed)
+    opt = Path(sweep_dir) / "optimization_results.yaml"
+    if opt.exists():
+        from omegaconf import OmegaConf
+
+        best = OmegaConf.to_container(OmegaConf.load(opt))
+        text += f"\nOptuna best: {best.get('best_params')} -> {best.get('best_value')}\n"
+    if frontier:
+        text += f"\n![reward vs KL]({frontier.name})\n"
+    (out_dir / "report.md").write_text(text)
+    return text
+
+
+def report_run(run_dir: Path, out_dir: Path) -> str:
+    summary = _load_json(Path(run_dir) / "summary.json")
+    plots = plot_curves(Path(run_dir) / "metrics.csv", Path(run_dir) / "eval.csv", out_dir / "plots")
+    lines = ["| key | value |", "|---|---|"]
+    for k, v in summary.items():
+        if k == "traceback":
+            continue
+        lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {_cell(str(v))} |")
+    text = f"# Run {Path(run_dir).resolve()}\n\n" + "\n".join(lines) + "\n"
+    text += "".join(f"\n![{p.stem}](plots/{p.name})\n" for p in plots)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.md").write_text(text)
+    return text
+
+
+def is_sweep_dir(path: Path) -> bool:
+    return (path / "multirun.yaml").exists() or any((p / ".hydra").is_dir() for p in path.iterdir() if p.is_dir())
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """rlhf-report PATH [--out DIR]: a run folder (summary.json) or a sweep folder (multirun) ->
+    report.md (tables), PNG plots (learning curves; the reward-KL frontier of a sweep), results.csv."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="rlhf-report", description=main.__doc__)
+    parser.add_argument("path", type=Path, help="a run folder or a sweep (multirun) folder")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: PATH/report)")
+    args = parser.parse_args(argv)
+    path = args.path
+    if not path.is_dir():
+        print(f"rlhf-report: {path}: not a folder", file=sys.stderr)
+        return 2
+    out = args.out or path / "report"
+    if (path / "summary.json").exists() and not is_sweep_dir(path):
+        text = report_run(path, out)
+    elif is_sweep_dir(path):
+        text = report_sweep(path, out)
+    else:
+        print(f"rlhf-report: {path}: neither a run folder (summary.json) nor a sweep folder (job folders with "
+              ".hydra/)", file=sys.stderr)
+        return 2
+    print(text)
+    print(f"written to {out}")
+    return 0

@@ -1,15 +1,23 @@
 """`rlhf-train`: compose the config with Hydra, validate it, run the selected stage(s).
 
 stage=sft | rm | ppo runs one stage; stage=pipeline (the default) runs SFT -> reward model -> PPO in
-one run folder and writes summary.json, plots/ and samples.md there.
+one run folder and writes summary.json, plots/ and samples.md there. The pipeline takes SFT and the
+reward model from the stage cache when an earlier run had the same inputs (cache.enabled).
+resume=auto continues PPO from the latest checkpoint. main() returns the summary value named by
+`optimized_metric` to a Hydra sweeper; inside a multirun a failing job is recorded as failed in its
+summary.json and the sweep goes on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import sys
+import traceback
 from pathlib import Path
+from typing import Any, Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +26,17 @@ from lightning_rlhf.config import ConfigError, RunConfig, validate
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("lightning_rlhf")
+
+# What summary.json holds for each stage (optimized_metric must be one of these)
+SUMMARY_KEYS = {
+    "sft": ("sft_loss", "sft_val_loss", "wall_s"),
+    "rm": ("rm_accuracy", "rm_gold_accuracy", "rm_val_loss", "num_pairs", "wall_s"),
+    "ppo": ("proxy_reward_initial", "proxy_reward_final", "kl_final", "gold_score_initial", "gold_score_final",
+            "wall_s"),
+    "pipeline": ("gold_score_sft", "gold_score_final", "gold_score_gain", "proxy_reward_sft", "proxy_reward_final",
+                 "kl_final", "rm_accuracy", "rm_gold_accuracy", "sft_val_loss", "wall_s_sft", "wall_s_rm",
+                 "wall_s_ppo", "wall_s_total"),
+}
 
 
 def _quiet_libraries() -> None:
@@ -29,6 +48,7 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*module.s. in eval mode at the start of training.*")
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     try:
         from transformers.utils import logging as hf_logging
 
@@ -37,13 +57,25 @@ def _quiet_libraries() -> None:
         pass
 
 
+def check_optimized_metric(cfg: RunConfig) -> None:
+    key = cfg.optimized_metric
+    if key is None:
+        return
+    if key not in SUMMARY_KEYS[cfg.stage]:
+        raise ConfigError(f"optimized_metric: {key!r} is not in the summary of stage={cfg.stage} "
+                          f"(one of {list(SUMMARY_KEYS[cfg.stage])}) (got {key!r})")
+    if key.startswith("gold_score") and cfg.data.gold is None:
+        raise ConfigError(f"optimized_metric: {key} needs a gold scorer (data.gold) (got {key!r})")
+
+
 def _write_summary(folder: Path, summary: dict) -> None:
     from lightning_rlhf.stages.common import write_json
 
+    folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "summary.json", summary)
 
 
-def _finish_ppo(folder: Path, result: dict, prefix: str = "") -> dict:
+def _finish_ppo(folder: Path, result: dict) -> dict:
     """Plots and samples table of a PPO run; returns the summary fields (samples removed)."""
     from lightning_rlhf.report import plot_curves, samples_table
 
@@ -53,58 +85,139 @@ def _finish_ppo(folder: Path, result: dict, prefix: str = "") -> dict:
     return result
 
 
-def train(cfg: RunConfig) -> dict:
-    """Run the configured stage(s) in cfg.run_dir; returns the summary written to summary.json."""
+def _run_ppo(cfg: RunConfig, run_dir: Path, **paths) -> dict:
+    from lightning_rlhf.checkpointing import checkpoint_dir, find_resume_checkpoint, remember_run
     from lightning_rlhf.stages.ppo import run_ppo
+
+    ckpt_path = find_resume_checkpoint(cfg)
+    if cfg.resume == "auto" and ckpt_path is None:
+        log.info("resume=auto: no checkpoint of this run yet, starting from the beginning")
+    if cfg.checkpoint.enabled:
+        remember_run(cfg, checkpoint_dir(cfg, run_dir))
+    return _finish_ppo(run_dir, run_ppo(cfg, run_dir, ckpt_path=ckpt_path, **paths))
+
+
+def _run_pipeline(cfg: RunConfig, run_dir: Path) -> dict:
+    from lightning_rlhf.stages.cache import run_stage, stage_key
     from lightning_rlhf.stages.rm import run_rm
     from lightning_rlhf.stages.sft import run_sft
 
-    run_dir = Path(cfg.run_dir)
-    if cfg.stage == "sft":
-        summary = run_sft(cfg, run_dir)
-    elif cfg.stage == "rm":
-        summary = run_rm(cfg, run_dir)
-    elif cfg.stage == "ppo":
-        summary = _finish_ppo(run_dir, run_ppo(cfg, run_dir))
-    else:
-        sft = run_sft(cfg, run_dir / "sft")
-        rm = run_rm(cfg, run_dir / "rm", policy_path=sft["model"])
-        ppo = _finish_ppo(run_dir, run_ppo(cfg, run_dir, policy_path=sft["model"], reward_path=rm["model"]))
-        summary = {
-            "gold_score_sft": ppo.get("gold_score_initial"),
-            "gold_score_final": ppo.get("gold_score_final"),
-            "proxy_reward_sft": ppo["proxy_reward_initial"],
-            "proxy_reward_final": ppo["proxy_reward_final"],
-            "kl_final": ppo["kl_final"],
-            "rm_accuracy": rm["rm_accuracy"],
-            "rm_gold_accuracy": rm["rm_gold_accuracy"],
-            "sft_val_loss": sft["sft_val_loss"],
-            "wall_s_sft": sft["wall_s"],
-            "wall_s_rm": rm["wall_s"],
-            "wall_s_ppo": ppo["wall_s"],
-            "wall_s_total": sft["wall_s"] + rm["wall_s"] + ppo["wall_s"],
-            "policy": ppo["policy"],
-            "reward_model": rm["model"],
-        }
-        if summary["gold_score_sft"] is not None:
-            summary["gold_score_gain"] = summary["gold_score_final"] - summary["gold_score_sft"]
-    _write_summary(run_dir, summary)
+    sft_key = stage_key(cfg, "sft")
+    sft = run_stage(cfg, "sft", run_dir / "sft", lambda: run_sft(cfg, run_dir / "sft"), sft_key)
+    rm = run_stage(cfg, "rm", run_dir / "rm", lambda: run_rm(cfg, run_dir / "rm", policy_path=sft["model"]),
+                   stage_key(cfg, "rm", parent=sft_key))
+    ppo = _run_ppo(cfg, run_dir, policy_path=sft["model"], reward_path=rm["model"])
+    summary = {
+        "gold_score_sft": ppo.get("gold_score_initial"),
+        "gold_score_final": ppo.get("gold_score_final"),
+        "proxy_reward_sft": ppo["proxy_reward_initial"],
+        "proxy_reward_final": ppo["proxy_reward_final"],
+        "kl_final": ppo["kl_final"],
+        "rm_accuracy": rm["rm_accuracy"],
+        "rm_gold_accuracy": rm["rm_gold_accuracy"],
+        "sft_val_loss": sft["sft_val_loss"],
+        "wall_s_sft": sft["wall_s"],
+        "wall_s_rm": rm["wall_s"],
+        "wall_s_ppo": ppo["wall_s"],
+        "wall_s_total": sft["wall_s"] + rm["wall_s"] + ppo["wall_s"],
+        "cache_hits": [name for name, out in (("sft", sft), ("rm", rm)) if out.get("cached")],
+        "resumed_from_iteration": ppo["resumed_from_iteration"],
+        "policy": ppo["policy"],
+        "reward_model": rm["model"],
+    }
+    if summary["gold_score_sft"] is not None:
+        summary["gold_score_gain"] = summary["gold_score_final"] - summary["gold_score_sft"]
     return summary
 
 
+def train(cfg: RunConfig, config: Optional[dict] = None, job: Optional[dict] = None) -> dict:
+    """Run the configured stage(s) in cfg.run_dir; returns the summary written to summary.json.
+
+    `config` is what the experiment tracker records (default: the validated config); `job` names the
+    Hydra job (experiment, sweep, name) for the tracker's group, tags and run name.
+    """
+    from lightning_rlhf import tracking
+    from lightning_rlhf.stages.rm import run_rm
+    from lightning_rlhf.stages.sft import run_sft
+
+    job = job or {}
+    run_dir = Path(cfg.run_dir)
+    with tracking.wandb_run(cfg, config if config is not None else dataclasses.asdict(cfg), job.get("experiment"),
+                            job.get("sweep"), job.get("name")):
+        if cfg.stage == "sft":
+            summary = run_sft(cfg, run_dir)
+        elif cfg.stage == "rm":
+            summary = run_rm(cfg, run_dir)
+        elif cfg.stage == "ppo":
+            summary = _run_ppo(cfg, run_dir)
+        else:
+            summary = _run_pipeline(cfg, run_dir)
+        summary = {"status": "completed", **summary}
+        _write_summary(run_dir, summary)
+        tracking.log_summary(summary, sorted((run_dir / "plots").glob("*.png")) if cfg.logger.log_plots else [])
+    return summary
+
+
+def hydra_job() -> dict[str, Any]:
+    """The running Hydra job: multirun or not, the experiment and sweep chosen, a name for the tracker."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {"multirun": False}
+    hc = HydraConfig.get()
+    choices = hc.runtime.choices
+
+    def choice(group: str) -> Optional[str]:
+        value = choices.get(group)
+        return None if value in (None, "null") else str(value)
+
+    return {"multirun": hc.mode == RunMode.MULTIRUN, "experiment": choice("experiment"), "sweep": choice("sweep"),
+            "name": hc.job.override_dirname or None, "output_dir": hc.runtime.output_dir}
+
+
+def _record_failure(folder: Path, err: BaseException) -> None:
+    log.error("job failed: %s: %s (recorded in %s; the sweep goes on)", type(err).__name__, err,
+              folder / "summary.json")
+    _write_summary(folder, {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                            "traceback": traceback.format_exc()})
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> Optional[float]:
     _quiet_libraries()
+    job = hydra_job()
     try:
         run_cfg = validate(cfg)
-        Path(run_cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, Path(run_cfg.run_dir) / "config.yaml", resolve=True)
-        summary = train(run_cfg)
+        check_optimized_metric(run_cfg)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    log.info("run folder: %s\n%s", run_cfg.run_dir, json.dumps(summary, indent=2))
-    return summary.get(run_cfg.optimized_metric) if run_cfg.optimized_metric else None
+        if not job["multirun"]:
+            print(f"config error: {err}", file=sys.stderr)
+            sys.exit(2)
+        _record_failure(Path(job["output_dir"]), err)
+        return None  # the optuna sweeper records the trial as failed
+    run_dir = Path(run_cfg.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+        summary = train(run_cfg, resolved, job)
+    except ConfigError as err:  # found while building (e.g. a data file's content)
+        if not job["multirun"]:
+            print(f"config error: {err}", file=sys.stderr)
+            sys.exit(2)
+        _record_failure(run_dir, err)
+        return None
+    except Exception as err:
+        if not job["multirun"]:
+            raise
+        _record_failure(run_dir, err)
+        return None
+    log.info("run folder: %s\n%s", run_dir, json.dumps(summary, indent=2))
+    if run_cfg.optimized_metric is None:
+        return None
+    value = summary.get(run_cfg.optimized_metric)
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 if __name__ == "__main__":

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.strategies import make_strategy, resolve_precision
 
 
 class MetricsCSV(Callback):
-    """Writes every logged training metric to `<folder>/metrics.csv`, one row per step (rank 0)."""
+    """Writes every logged training metric to `<folder>/metrics.csv`, one row per step (rank 0).
+    The rows are part of a checkpoint, so a resumed run's file holds the whole history."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -29,6 +31,15 @@ class MetricsCSV(Callback):
             return
         self.rows.append({"step": batch_idx + 1, **metrics})
         if trainer.is_global_zero:
+            write_csv(self.path, self.rows)
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = list(state["rows"])
+        if self.rows and rank_zero_only.rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             write_csv(self.path, self.rows)
 
 
@@ -85,7 +96,7 @@ def build_trainer(cfg: RunConfig, folder: Path, name: str, max_epochs: int, call
         max_epochs=max_epochs,
         logger=build_logger(cfg, folder, name),
         callbacks=[MetricsCSV(folder / "metrics.csv"), *callbacks],
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),  # ours, never Lightning's default
         enable_progress_bar=cfg.trainer.enable_progress_bar,
         enable_model_summary=False,
         log_every_n_steps=cfg.trainer.log_every,

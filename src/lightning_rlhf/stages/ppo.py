@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -17,7 +19,10 @@ from lightning_rlhf.models.loading import load_causal_lm, load_sequence_classifi
 from lightning_rlhf.models.lora import build_policy_and_ref
 from lightning_rlhf.models.reward import FunctionReward, RewardModel
 from lightning_rlhf.module import PPOModule
+from lightning_rlhf.checkpointing import IterationSampler, PPOCheckpoint, checkpoint_dir, config_hash, publish
 from lightning_rlhf.stages.common import build_trainer, write_csv
+
+log = logging.getLogger("lightning_rlhf")
 
 
 def build_reward(cfg: RunConfig, policy_tokenizer, reward_path: str | None = None):
@@ -46,28 +51,65 @@ def prompt_texts(cfg: RunConfig, split: str, n: int, tokenizer=None) -> list[str
 
 
 class EvalEvery(L.Callback):
-    """Held-out evaluation before iteration 0, every `every` iterations, kept in `history`."""
+    """Held-out evaluation before iteration 0 and every `every` iterations, kept in `history` (and in
+    checkpoints). Each evaluation goes to eval.csv and to the Trainer's loggers; with W&B, a table of
+    the samples is logged every `samples_every` iterations (None: with each evaluation)."""
 
-    def __init__(self, module: PPOModule, eval_batch, gold_fn, every: int, folder: Path):
+    def __init__(self, module: PPOModule, eval_batch, gold_fn, every: int, folder: Path,
+                 samples_every: int | None = None, iterations: int = 0):
         self.module, self.eval_batch, self.gold_fn, self.every, self.folder = module, eval_batch, gold_fn, every, folder
+        self.samples_every, self.iterations = samples_every, iterations
         self.history: list[dict] = []
         self.samples: dict[int, list[dict]] = {}
+        self.tabled: list[int] = []  # iterations whose samples went to the W&B table
+        self.loggers: list = []
 
     def run(self, iteration: int) -> dict:
+        from lightning_rlhf.tracking import WandbStageLogger, log_samples
+
         m = self.module
         metrics, samples = evaluate_policy(m.policy, m.ref_model, m.reward, m.tokenizer, *self.eval_batch,
                                            m.cfg.generation, self.gold_fn)
         self.history.append({"iteration": iteration, **metrics})
         self.samples[iteration] = samples
         write_csv(self.folder / "eval.csv", self.history)
+        for lg in self.loggers:
+            if isinstance(lg, WandbStageLogger):
+                lg.log_at(metrics, iteration)
+            else:
+                lg.log_metrics(metrics, step=iteration)
+        if any(isinstance(lg, WandbStageLogger) for lg in self.loggers) and self._tables(iteration):
+            self.tabled.append(iteration)
+            log_samples([dict(s, iteration=i) for i in self.tabled for s in self.samples[i]], iteration)
         return metrics
 
+    def _tables(self, iteration: int) -> bool:
+        return self.samples_every is None or iteration % self.samples_every == 0 or iteration == self.iterations
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.every and batch_idx % self.every == 0 and batch_idx > 0:
+        due = [n for n in (self.every, self.samples_every) if n and batch_idx % n == 0]
+        if due and batch_idx > 0:
             self.run(batch_idx)
 
+    def state_dict(self) -> dict:
+        return {"history": self.history, "samples": [[i, s] for i, s in self.samples.items()], "tabled": self.tabled}
 
-def run_ppo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward_path: str | None = None) -> dict:
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.tabled = list(state["history"]), list(state["tabled"])
+        self.samples = {int(i): s for i, s in state["samples"]}
+
+
+def save_policy(policy, tokenizer, path: Path) -> None:
+    """The final policy as a Hugging Face folder, written beside and renamed into place (atomic)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp, tokenizer)
+    publish(tmp, path)
+
+
+def run_ppo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward_path: str | None = None,
+            ckpt_path: Path | None = None) -> dict:
+    """Fit PPO in `folder` (checkpoints in checkpoint.dir); from `ckpt_path` when given (exact resume)."""
     t0 = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ppo = cfg.trainer.ppo
@@ -81,20 +123,31 @@ def run_ppo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward
 
     eval_batch = left_pad(encode_prompts(tokenizer, prompt_texts(cfg, "heldout", cfg.data.num_eval_prompts, tokenizer),
                                          cfg.data.max_prompt_len), tokenizer.pad_token_id)
-    evaluator = EvalEvery(module, eval_batch, gold_fn, cfg.trainer.eval_every, folder)
-    trainer = build_trainer(cfg, folder, "ppo", max_epochs=1, callbacks=[evaluator])
+    samples_every = cfg.logger.samples_every if cfg.logger.name == "wandb" else None
+    evaluator = EvalEvery(module, eval_batch, gold_fn, cfg.trainer.eval_every, folder, samples_every, ppo.iterations)
+    sampler = IterationSampler(ppo.iterations)  # moved to the saved iteration on resume
+    ckpt = cfg.checkpoint
+    checkpointer = PPOCheckpoint(checkpoint_dir(cfg, folder), ckpt.every if ckpt.enabled else 0, ckpt.keep_last,
+                                 ppo.iterations, sampler, config_hash(cfg), save_final=ckpt.enabled)
+    trainer = build_trainer(cfg, folder, "ppo", max_epochs=1, callbacks=[evaluator, checkpointer])
+    evaluator.loggers = trainer.loggers
     prompts = encode_prompts(tokenizer, prompt_texts(cfg, "train", cfg.data.num_prompts, tokenizer),
                              cfg.data.max_prompt_len)
     dataset = PromptBatches(prompts, ppo.rollout_batch_size, ppo.iterations, tokenizer.pad_token_id, cfg.seed,
                             trainer.global_rank, trainer.world_size)
-    loader = DataLoader(dataset, batch_size=None, shuffle=False)
+    loader = DataLoader(dataset, batch_size=None, sampler=sampler)
 
-    initial = evaluator.run(0)
-    trainer.fit(module, loader)
+    if ckpt_path is None:
+        evaluator.run(0)
+    else:
+        log.info("resuming PPO from %s", ckpt_path)
+    trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
+    initial = evaluator.history[0]
     final = evaluator.run(ppo.iterations)
     if trainer.is_global_zero:
-        policy.save_pretrained(folder / "policy", tokenizer)
+        save_policy(policy, tokenizer, folder / "policy")
     result = {
+        "resumed_from_iteration": checkpointer.resumed_from,
         "proxy_reward_initial": initial["val/proxy_reward"],
         "proxy_reward_final": final["val/proxy_reward"],
         "kl_final": final["val/kl"],
