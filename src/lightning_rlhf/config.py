@@ -129,13 +129,13 @@ class DataSourceConfig:
         return self.path is not None or self.name is not None
 
     def where(self) -> str:
-        return str(Path(self.path).expanduser()) if self.path is not None else f"dataset {self.name!r}"
+        return str(Path(self.path).expanduser().absolute()) if self.path is not None else f"dataset {self.name!r}"
 
     def check(self, key: str) -> None:
         if self.path is not None and self.name is not None:
             raise ConfigError(f"{key}.name: set {key}.path (a local file) or {key}.name (a dataset), not both")
         if self.path is not None:
-            path = Path(self.path).expanduser()
+            path = Path(self.path).expanduser().absolute()  # relative paths: from the directory you run in
             if not path.exists():
                 raise ConfigError(f"{key}.path: file not found: {path}")
             if path.is_file() and path.suffix.lower() not in DATA_FILE_TYPES:

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
@@ -131,3 +132,19 @@ def test_sft_with_lora_changes_only_the_targeted_weights(tmp_path):
     assert merged.keys() == initial.keys()
     changed = {k for k in merged if not torch.equal(merged[k], initial[k])}
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed), changed
+
+
+def test_lora_config_group_composes():
+    from hydra import compose, initialize_config_dir
+
+    from lightning_rlhf.config import ConfigError, validate
+    from lightning_rlhf.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = validate(compose(config_name="train", overrides=[
+            "+model/lora=default", "model.lora.r=4", "model.lora.save=adapter", "run_dir=."]))
+        assert cfg.model.lora == LoraConfig(r=4, alpha=16.0, dropout=0.0, target_modules=None, save="adapter")
+        assert validate(compose(config_name="train", overrides=["run_dir=."])).model.lora is None
+        bad = compose(config_name="train", overrides=["+model/lora=default", "model.lora.r=0", "run_dir=."])
+    with pytest.raises(ConfigError, match=r"^model.lora.r: must be > 0"):
+        validate(bad)
