@@ -92,8 +92,9 @@ def deepspeed_config(ds: DeepSpeedConfig, gpu: bool = True) -> dict[str, Any]:
     config = {
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
-        # a torch optimizer over offloaded state is allowed (slower than DeepSpeedCPUAdam, nothing to compile)
-        "zero_force_ds_cpu_optimizer": bool(ds.offload_optimizer and ds.cpu_adam),
+        # a torch optimizer over offloaded state is allowed (the SFT and RM stages build their own AdamW;
+        # PPO uses DeepSpeedCPUAdam when hardware.deepspeed.cpu_adam: see make_optimizer)
+        "zero_force_ds_cpu_optimizer": False,
         # the PPO module runs several backward passes per optimizer step: backward() only accumulates,
         # step() is the accumulation boundary (reduction + update)
         "managed_gradient_accumulation": False,
@@ -220,7 +221,9 @@ class ZeroStrategy(DeepSpeedStrategy):
             yield
 
     def teardown(self) -> None:
-        if self.zero_stage == 3 and self.model is not None:
+        import deepspeed
+
+        if self.zero_stage == 3 and isinstance(self.model, deepspeed.DeepSpeedEngine):  # not after a failed init
             for engine in [self.model, *self._frozen_engines]:
                 _materialize(engine)
         self._frozen_engines = []
@@ -304,7 +307,11 @@ def make_optimizer(trainer, params, lr: float, weight_decay: float) -> torch.opt
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # fused: one kernel over all parameters (the default per-parameter loop costs ~1 ms a step on CPU
+    # for the tiny demo policy, 4x the fused step; bench/RESULTS.md "Speed ablations")
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------

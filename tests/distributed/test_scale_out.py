@@ -8,60 +8,13 @@ runs in this process. See ppo_worker.py for what each run does.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import tiny_run_config
-
-WORKER = Path(__file__).with_name("ppo_worker.py")
-REPO = Path(__file__).resolve().parents[2]
-PHASES = ("ddp", "zero2", "zero3")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(out: Path, phases, devices: int, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):  # never inherit a launcher's rank
-        env.pop(key, None)
-    return subprocess.run([sys.executable, str(WORKER), str(out), ",".join(phases), str(devices), *extra],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=out)
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-@pytest.fixture(scope="session")
-def single_process(tmp_path_factory) -> dict:
-    """The reference: the same worker phase on one process (in this process, one thread like the workers)."""
-    from tests.distributed.ppo_worker import run_phase
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_phase(tmp_path_factory.mktemp("single") / "cpu", "cpu", 1)
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def two_processes(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("two_processes")
-    res = launch(out, PHASES, 2)
-    assert res.returncode == 0, f"worker failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
-    return out
+from tests.distributed.conftest import PHASES, load
 
 
 def ranks(out: Path, phase: str) -> tuple[dict, dict]:
@@ -77,13 +30,16 @@ def test_ppo_update_on_two_processes_equals_one(phase, two_processes, single_pro
     for step in (0, 1):
         for name, value in r0["steps"][step].items():
             assert torch.equal(value, r1["steps"][step][name]), f"step {step}: {name} differs between ranks"
-    # (b) on the same global batch of experience, the 2-rank update equals the 1-process update
+    # (b) on the same global batch of experience, the 2-rank update equals the 1-process update.
+    # Two AdamW steps at lr 1e-2 move a parameter by ~1e-2; summation order differs between layouts, and
+    # Adam's m/sqrt(v) turns a rounding difference in a near-zero gradient into up to ~1e-5 on that one
+    # coordinate. Weighting micro-batches by local instead of global tokens is off by ~1e-2 everywhere.
     ref, initial = single_process["steps"][0], single_process["initial"]
     assert all(torch.equal(initial[k], r0["initial"][k]) for k in initial)
-    moved = max(float((ref[k] - initial[k]).abs().max()) for k in ref)
-    assert moved > 1e-3, "the reference update did not move the parameters"
-    for name in ref:
-        torch.testing.assert_close(r0["steps"][0][name], ref[name], rtol=0, atol=2e-5, msg=lambda m: f"{name}: {m}")
+    update = torch.cat([(ref[k] - initial[k]).flatten() for k in ref]).abs()
+    diff = torch.cat([(r0["steps"][0][k] - ref[k]).flatten() for k in ref]).abs()
+    assert float(update.mean()) > 1e-3, "the reference update did not move the parameters"
+    assert float(diff.max()) < 1e-4 and float(diff.mean()) < 1e-6, (float(diff.max()), float(diff.mean()))
 
 
 @pytest.mark.distributed

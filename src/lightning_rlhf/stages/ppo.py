@@ -146,6 +146,7 @@ def run_ppo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward
     final = evaluator.run(ppo.iterations)
     if trainer.is_global_zero:
         save_policy(policy, tokenizer, folder / "policy")
+    trainer.strategy.barrier()  # the saved policy is complete before any rank goes on
     result = {
         "resumed_from_iteration": checkpointer.resumed_from,
         "proxy_reward_initial": initial["val/proxy_reward"],

@@ -151,6 +151,7 @@ def run_rm(cfg: RunConfig, folder: Path, policy_path: str | None = None) -> dict
     if trainer.is_global_zero:
         model.save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")
+    trainer.strategy.barrier()  # other ranks load this folder next (hardware=ddp/deepspeed)
     return {"rm_accuracy": metrics.get("val/rm_accuracy"), "rm_gold_accuracy": metrics.get("val/rm_gold_accuracy"),
             "rm_val_loss": metrics.get("val/rm_loss"), "num_pairs": len(rows), "wall_s": time.perf_counter() - t0,
             "model": str(folder / "model")}

@@ -124,6 +124,7 @@ def run_sft(cfg: RunConfig, folder: Path) -> dict:
     if trainer.is_global_zero:
         (lm if peft_model is None else merged_model(peft_model)).save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")
+    trainer.strategy.barrier()  # other ranks load this folder next (hardware=ddp/deepspeed)
     return {"sft_loss": metrics.get("sft/loss"), "sft_val_loss": metrics.get("val/sft_loss"),
             "num_train": len(train_rows), "num_heldout": len(val_rows),
             "wall_s": time.perf_counter() - t0, "model": str(folder / "model")}
