@@ -43,11 +43,11 @@ def test_byo_files_pipeline_from_files_to_a_trained_policy(tmp_path):
     assert summary["rm_accuracy"] is not None and summary["gold_score_final"] is None  # files have no gold
     # every row of the example files was read: 15% held out (SFT, prompts), trainer.rm.heldout_fraction (RM)
     n_chat, n_pairs, n_prompts = _rows("hh_chat.jsonl"), _rows("hh_pairs.jsonl"), _rows("prompts.csv") - 1
-    held = lambda n, f: max(1, round(n * f))  # noqa: E731
-    for what, n, f in [("data.sft", n_chat, 0.15), ("data.preferences", n_pairs, 0.15),
-                       ("data.prompts prompts", n_prompts, 0.15)]:
-        assert f"{what} (train): {n - held(n, f)} rows" in log, what
-    assert f"data.prompts prompts (heldout): {held(n_prompts, 0.15)} rows" in log
+    held = lambda n, f: max(1, round(n * f))  # noqa: E731 (data.heldout_fraction, trainer.rm.heldout_fraction)
+    for label, n in [("data.sft (train)", n_chat), ("data.preferences (train)", n_pairs),
+                     ("data.prompts (train prompts)", n_prompts)]:
+        assert f"{label}: {n - held(n, 0.15)} rows, 0 with a prompt longer" in log, label
+    assert f"data.prompts (heldout prompts): {held(n_prompts, 0.15)} rows" in log
     # the trained policy: a Hugging Face folder with the chat tokenizer, generating after the template
     policy = Path(summary["policy"])
     lm = AutoModelForCausalLM.from_pretrained(policy)

@@ -43,7 +43,7 @@ def prompt_texts(cfg: RunConfig, split: str, n: int, tokenizer=None) -> list[str
         texts = load_prompts(cfg.data, tokenizer)[0 if split == "train" else 1]
         texts = texts if split == "train" else texts[:n]
         keep = fit_prompts(tokenizer, texts, cfg.data.max_prompt_len, cfg.data.long_prompts,
-                           f"{cfg.data.prompt_source()[0]} prompts ({split})")
+                           f"{cfg.data.prompt_source()[0]} ({split} prompts)")
         return [texts[i] for i in keep]
     from lightning_rlhf.data.reviews import generate_prompts
 
