@@ -5,9 +5,9 @@ optimizer, LR scheduler, loop progress, callback states such as the metrics hist
 controller (PPOModule.on_save_checkpoint), the torch / numpy / python RNG states and the PPO
 iteration it was taken after. It is written to a hidden temporary path in the same folder, synced
 to disk and renamed over the final name, so a kill during the write leaves the earlier checkpoints
-intact. Resuming restores the RNG states right before the next iteration's rollout, and the prompt
-sampler starts at the saved iteration (prompt batch i is a pure function of (seed, i, rank)), so a
-resumed run reproduces an uninterrupted one exactly on CPU.
+intact. Resuming restores each rank's RNG states right before the next iteration's rollout, and the
+prompt sampler starts at the saved iteration (prompt batch i is a pure function of (seed, i, rank)), so
+a resumed run reproduces an uninterrupted one exactly on CPU (one process, and DDP with gloo).
 """
 
 from __future__ import annotations
@@ -127,6 +127,16 @@ def rng_states() -> dict:
     return states
 
 
+def gather_rng_states(world_size: int) -> list[dict]:
+    """Every rank's RNG states, by rank (a collective: all ranks call it; ranks sample differently)."""
+    states = rng_states()
+    if world_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [states]
+    out: list = [None] * world_size
+    torch.distributed.all_gather_object(out, states)
+    return out
+
+
 def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     n = states["numpy"]
@@ -191,7 +201,7 @@ class PPOCheckpoint(Checkpoint):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["ppo_iteration"] = self._saving
-        checkpoint["rng_states"] = rng_states()
+        checkpoint["rng_states"] = gather_rng_states(trainer.world_size)  # dump_checkpoint runs on every rank
         checkpoint["config_hash"] = self.config_hash
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -200,7 +210,11 @@ class PPOCheckpoint(Checkpoint):
             log.warning("resuming from a checkpoint of a different config (%s)", checkpoint.get("config_hash"))
         self.sampler.start = min(iteration, self.iterations)
         self.resumed_from = iteration
-        self._pending_rng = checkpoint["rng_states"]
+        states = checkpoint["rng_states"]
+        if trainer.global_rank >= len(states):
+            log.warning("the checkpoint has the RNG states of %d ranks, this run has %d: not an exact resume",
+                        len(states), trainer.world_size)
+        self._pending_rng = states[min(trainer.global_rank, len(states) - 1)]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         # restored here, not at load time: creating the data loader's iterator draws from the torch RNG

@@ -255,6 +255,12 @@ def report_run(run_dir: Path, out_dir: Path) -> str:
             continue
         lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {_cell(str(v))} |")
     text = f"# Run {Path(run_dir).resolve()}\n\n" + "\n".join(lines) + "\n"
+    evals = read_csv(Path(run_dir) / "eval.csv") if (Path(run_dir) / "eval.csv").exists() else []
+    if evals:
+        keys = list(evals[0])
+        text += "\nHeld-out evaluations:\n\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
+        text += "".join("| " + " | ".join(f"{r[k]:.0f}" if k == "iteration" else f"{r[k]:.4f}" for k in keys) + " |\n"
+                        for r in evals)
     text += "".join(f"\n![{p.stem}](plots/{p.name})\n" for p in plots)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(text)

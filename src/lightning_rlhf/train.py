@@ -120,7 +120,7 @@ def _run_pipeline(cfg: RunConfig, run_dir: Path) -> dict:
         "wall_s_rm": rm["wall_s"],
         "wall_s_ppo": ppo["wall_s"],
         "wall_s_total": sft["wall_s"] + rm["wall_s"] + ppo["wall_s"],
-        "cache_hits": [name for name, out in (("sft", sft), ("rm", rm)) if out.get("cached")],
+        "stages_reused": [name for name, out in (("sft", sft), ("rm", rm)) if out.get("reused")],  # cache or resume
         "resumed_from_iteration": ppo["resumed_from_iteration"],
         "policy": ppo["policy"],
         "reward_model": rm["model"],

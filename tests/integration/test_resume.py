@@ -100,6 +100,19 @@ def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(torch.load(killed / "policy" / "value_head.pt")["weight"],
                        torch.load(straight / "policy" / "value_head.pt")["weight"])
+    # what a checkpoint holds
+    ckpt = torch.load(checkpoint_path(killed / "checkpoints", ITERATIONS), weights_only=True)
+    assert ckpt["ppo_iteration"] == ITERATIONS
+    state = ckpt["state_dict"]
+    assert any(k.startswith("policy.lm.") for k in state) and "policy.value_head.weight" in state
+    assert float(state["score_processor.moments.count"]) == ITERATIONS * 8  # the normaliser saw every score
+    assert not any(k.startswith(("ref_model.", "reward.")) for k in state)  # frozen: rebuilt from folders
+    assert ckpt["optimizer_states"][0]["state"] and ckpt["lr_schedulers"][0]["last_epoch"] == ITERATIONS
+    last = straight_rows[-1]  # the controller's update after the last rollout (target 1.0, horizon 100, 8 samples)
+    error = min(max(float(last["objective/kl"]) / 1.0 - 1.0, -0.2), 0.2)
+    expected = float(last["objective/kl_coef"]) * (1.0 + error * 8 / 100)
+    assert ckpt["kl_controller"]["value"] == pytest.approx(expected, rel=1e-5)
+    assert {"torch", "numpy", "python"} <= set(ckpt["rng_states"][0])
     # keep_last=2: the final checkpoint and the one before it
     assert [it for it, _ in list_checkpoints(killed / "checkpoints")] == [ITERATIONS - 1, ITERATIONS]
     assert not [p for p in (killed / "checkpoints").iterdir() if p.name.startswith(".")]

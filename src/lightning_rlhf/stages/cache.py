@@ -95,7 +95,8 @@ def store(cfg: RunConfig, stage: str, key: str, folder: Path, summary: dict) -> 
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(Path(folder) / "model", tmp / "model")
-        (tmp / STAGE_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+        entry_summary = summary | {"model": str(entry / "model")}
+        (tmp / STAGE_FILE).write_text(json.dumps(entry_summary, indent=2, sort_keys=True))
         if not entry.exists():
             publish(tmp, entry)
     except OSError as err:  # a full or read-only cache must not fail the run
@@ -111,16 +112,16 @@ def run_stage(cfg: RunConfig, stage: str, folder: Path, fn: Callable[[], dict], 
     done = folder / STAGE_FILE
     if cfg.resume is not None and done.exists():
         log.info("%s: finished in an earlier attempt of this run, reused", stage)
-        return json.loads(done.read_text()) | {"cached": True, "wall_s": 0.0}
+        return json.loads(done.read_text()) | {"reused": True, "wall_s": 0.0}
     if cfg.cache.enabled and (hit := lookup(cfg, stage, key)) is not None:
         log.info("%s: reused from the stage cache %s", stage, hit["cache"])
         if _is_global_zero() and not folder.exists() and not folder.is_symlink():
             folder.parent.mkdir(parents=True, exist_ok=True)
             folder.symlink_to(Path(hit["cache"]), target_is_directory=True)
-        return hit | {"cached": True, "wall_s": 0.0}
+        return hit | {"reused": True, "wall_s": 0.0}
     summary = fn()
     if _is_global_zero():
         write_json(done, summary)
     if cfg.cache.enabled:
         store(cfg, stage, key, folder, summary)
-    return summary | {"cached": False}
+    return summary | {"reused": False}
