@@ -334,6 +334,181 @@ def scaling(base: common.Settings, warmup: int, iterations: int) -> list[dict]:
     return rows
 
 
+# ---- speed ablations (lightning-rlhf's pieces, in this process) -----------------------------------
+def interleaved(variants: dict, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median wall and CPU seconds of each variant, run round-robin after one untimed call each."""
+    for fn in variants.values():
+        fn()
+    wall, cpu = {k: [] for k in variants}, {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            wall[k].append(time.perf_counter() - t), cpu[k].append(time.process_time() - c)
+    return {k: (common.median(wall[k]), common.median(cpu[k])) for k in variants}
+
+
+def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple[str, str, str, float, float]]:
+    """Each known trick against its alternative, on the benchmark's own setting.
+
+    -> rows (group, what is timed, variant, wall ms, cpu ms); the first variant of a group is ours.
+    """
+    import copy
+
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    from lightning_rlhf import rollout, sampling
+    from lightning_rlhf.config import GenerationConfig, LossConfig
+    from lightning_rlhf.data.prompts import left_pad
+    from lightning_rlhf.losses import entropy_from_logits, logprobs_from_logits
+    from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy
+    from lightning_rlhf.models.reward import RewardModel, ScoreProcessor, Sequences
+    from lightning_rlhf.update import minibatch_indices, ppo_loss
+
+    torch.set_num_threads(s.threads)
+    tok = common.tokenizer()
+    lm, rm = common.build_models(s, tok)
+    policy, ref = PolicyWithValueHead(lm), frozen_copy(lm)
+    reward = RewardModel(rm, tok, tok, 64)
+    ids, mask = left_pad(common.prompts(tok, s)[: s.batch_size], tok.pad_token_id)
+    gen = GenerationConfig(max_new_tokens=s.response_length, temperature=s.temperature)
+    loss_cfg = LossConfig(kl_coef=s.kl_coef)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    rows = []
+
+    def add(group, timed, results):
+        for variant, (wall, cpu) in results.items():
+            rows.append((group, timed, variant, 1e3 * wall, 1e3 * cpu))
+            print(f"| {group} | {timed} | {variant} | {1e3 * wall:.1f} | {1e3 * cpu:.1f} |", flush=True)
+
+    T = s.response_length
+    with torch.no_grad():
+        add("sampler", f"sample {s.batch_size} x {T} tokens", interleaved({
+            "ours: KV cache, LlamaDecoder step": lambda: sampling.generate(lm, ids, mask, T, eos, pad),
+            "ours, Hugging Face forward per step": lambda: sampling.sample(
+                lm, ids, mask, T, eos, pad, use_fast_decoder=False).response_ids,
+            "HF generate(do_sample=True)": lambda: lm.generate(
+                input_ids=ids, attention_mask=mask.long(), max_new_tokens=T, do_sample=True, top_k=0, top_p=1.0,
+                temperature=s.temperature, pad_token_id=pad, eos_token_id=eos),
+        }, rounds))
+        probs = torch.softmax(torch.randn(s.batch_size, len(tok)), dim=-1)
+        add("sampling a token", f"{T} draws from ({s.batch_size}, {len(tok)}) probabilities", interleaved({
+            "ours: inverse CDF (one uniform per row)": lambda: [sampling.sample_from_probs(probs) for _ in range(T)],
+            "torch.multinomial": lambda: [torch.multinomial(probs, 1) for _ in range(T)],
+        }, rounds))
+
+        sp = ScoreProcessor()
+
+        def two_pass():
+            response_ids, response_mask = rollout.sample_responses(policy, ids, mask, gen, tok)
+            seqs = Sequences(ids, mask, response_ids, response_mask, tok)
+            rollout.forward_logprobs(policy, ref, seqs, response_ids, s.temperature, 64)
+            reward(seqs)
+
+        add("rollout", "sample + log-probs/values + reference + reward", interleaved({
+            "ours: numbers kept from the sampler": lambda: rollout.make_experience(
+                policy, ref, reward, sp, tok, ids, mask, gen, loss_cfg, s.kl_coef, 64),
+            "second policy forward for log-probs/values": two_pass,
+        }, rounds))
+        exp, _ = rollout.make_experience(policy, ref, reward, sp, tok, ids, mask, gen, loss_cfg, s.kl_coef, 64)
+        seqs = Sequences(exp.prompt_ids, exp.prompt_mask, exp.response_ids, exp.response_mask, tok)
+
+        def frozen(ctx):
+            with ctx():
+                rollout.reference_logprobs(ref, seqs, exp.response_ids, s.temperature, 64)
+                reward(seqs)
+
+        add("frozen models", "reference + reward forward", interleaved({
+            "ours: torch.no_grad": lambda: frozen(torch.no_grad),
+            "torch.inference_mode": lambda: frozen(torch.inference_mode),
+        }, rounds))
+
+    opt = torch.optim.AdamW(policy.parameters(), lr=s.lr)
+
+    def update(trim: bool):
+        for _ in range(s.epochs):
+            for mb in minibatch_indices(len(exp), s.minibatch_size()):
+                micro = exp.select(mb)
+                loss, _ = ppo_loss(policy, micro.trimmed() if trim else micro, loss_cfg, s.temperature)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+    add("update", f"{s.epochs} epochs x {s.mini_batches} minibatches", interleaved({
+        "ours: padding trimmed per micro-batch": lambda: update(trim=True),
+        "no trimming": lambda: update(trim=False),
+    }, rounds))
+    logits = torch.randn(s.minibatch_size(), T, len(tok), requires_grad=True)
+    targets = torch.randint(0, len(tok), (s.minibatch_size(), T))
+
+    def lp_gather():
+        logprobs_from_logits(logits, targets).sum().backward()
+
+    def lp_log_softmax():
+        torch.log_softmax(logits, -1).gather(-1, targets[..., None]).sum().backward()
+
+    add("log-probs", f"fwd+bwd on ({s.minibatch_size()}, {T}, {len(tok)}) logits", interleaved({
+        "ours: gather - logsumexp": lp_gather,
+        "log_softmax then gather": lp_log_softmax,
+    }, rounds))
+    with torch.no_grad():
+        add("entropy in the update", "per micro-batch, when entropy_coef = 0", interleaved({
+            "ours: not computed": lambda: None,
+            "(B, T, V) entropy for the log": lambda: entropy_from_logits(logits),
+        }, rounds))
+
+    def opt_steps(kind):
+        p = copy.deepcopy(policy)
+        for q in p.parameters():
+            q.grad = torch.randn_like(q) * 1e-3
+        o = torch.optim.AdamW(p.parameters(), lr=s.lr, **kind)
+        return lambda: [o.step() for _ in range(s.epochs * s.mini_batches)]
+
+    add("optimizer", f"{s.epochs * s.mini_batches} AdamW steps (one iteration)", interleaved({
+        "ours: torch.optim.AdamW defaults (for-loop on CPU)": opt_steps({}),
+        "foreach=True": opt_steps({"foreach": True}),
+        "fused=True (TRL's default through transformers)": opt_steps({"fused": True}),
+    }, rounds))
+
+    micro = exp.select(torch.arange(s.minibatch_size())).trimmed()
+    input_ids = torch.cat([micro.prompt_ids, micro.response_ids], 1)
+    attn = torch.cat([micro.prompt_mask, micro.response_mask], 1).long()
+    critic = LlamaForSequenceClassification(common.llama_config(s, tok, num_labels=1))
+
+    def shared():
+        logits, values = policy(input_ids, attn, T)
+        (logits.sum() + values.sum()).backward()
+
+    def separate():  # TRL's design: the policy LM and a separate value model, each a full trunk
+        logits = policy.lm(input_ids=input_ids, attention_mask=attn).logits
+        values = critic(input_ids=input_ids, attention_mask=attn).logits
+        (logits.sum() + values.sum()).backward()
+
+    add("value model", "fwd+bwd of one micro-batch", interleaved({
+        "ours: value head on the policy trunk": shared,
+        "separate value model (TRL)": separate,
+    }, rounds))
+
+    if with_compile:
+        compiled = copy.deepcopy(policy)
+        compiled.lm.model.compile(dynamic=True)
+        t = time.perf_counter()
+        logits, values = compiled(input_ids, attn, T)
+        (logits.sum() + values.sum()).backward()
+        compile_s = time.perf_counter() - t
+
+        def run_compiled():
+            logits, values = compiled(input_ids, attn, T)
+            (logits.sum() + values.sum()).backward()
+
+        add("torch.compile", f"fwd+bwd of one micro-batch (compiling took {compile_s:.0f} s)", interleaved({
+            "ours: eager": shared,
+            "policy trunk compiled (inductor, dynamic shapes)": run_compiled,
+        }, rounds))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings, one warm-up and one timed iteration, no scaling")
@@ -349,6 +524,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-scaling", action="store_true")
     p.add_argument("--scaling-iterations", type=int, default=2)
     p.add_argument("--json", type=Path, help="write every measurement here")
+    p.add_argument("--ablations", action="store_true", help="only the speed ablations of lightning-rlhf's pieces")
+    p.add_argument("--compile", action="store_true", help="with --ablations: also torch.compile (minutes)")
+    p.add_argument("--rounds", type=int, default=15, help="with --ablations: timed rounds per variant")
     a = p.parse_args(argv)
     if a.quick:
         a.batch_size, a.response_length, a.epochs, a.mini_batches = 4, 4, 1, 1
@@ -360,6 +538,17 @@ def main(argv=None) -> int:
         p.error("--mini-batches must divide --batch-size")
     s = common.Settings(model=a.model, batch_size=a.batch_size, response_length=a.response_length, epochs=a.epochs,
                         mini_batches=a.mini_batches, threads=a.threads)
+
+    if a.ablations:
+        print(f"# lightning-rlhf speed ablations, {datetime.date.today().isoformat()}")
+        print(f"machine: {machine()}")
+        print(f"settings: {json.dumps(s.as_dict())}; {a.rounds} interleaved rounds, medians")
+        print("| group | timed | variant | wall ms | cpu ms |")
+        print("|---|---|---|---|---|")
+        rows = ablations(s, a.rounds, a.compile)
+        if a.json:
+            a.json.write_text(json.dumps({"settings": s.as_dict(), "machine": machine(), "ablations": rows}, indent=1))
+        return 0
 
     print(f"# lightning-rlhf vs TRL PPO, {datetime.date.today().isoformat()}")
     print(f"machine: {machine()}")

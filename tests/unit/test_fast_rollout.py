@@ -143,3 +143,18 @@ def test_inverse_cdf_sampling_never_draws_zero_probability_tokens():
     w = torch.tensor([[1.0, 3.0]]).repeat(4000, 1)
     frac = (sample_from_probs(w) == 1).float().mean().item()
     assert abs(frac - 0.75) < 5 * (0.75 * 0.25 / 4000) ** 0.5
+
+
+def test_logprobs_one_pass_backward_equals_autograd():
+    from lightning_rlhf.losses import _TokenLogProbs, logprobs_from_logits
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 4, 7, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    tokens = torch.randint(0, 7, (3, 4), generator=g)
+    assert torch.autograd.gradcheck(lambda z: _TokenLogProbs.apply(z, tokens), (logits,))
+    weights = torch.randn(3, 4, generator=g)
+    z = logits.detach().float().requires_grad_()
+    (logprobs_from_logits(z, tokens) * weights).sum().backward()
+    z_ref = z.detach().clone().requires_grad_()
+    (torch.log_softmax(z_ref, -1).gather(-1, tokens[..., None]).squeeze(-1) * weights).sum().backward()
+    torch.testing.assert_close(z.grad, z_ref.grad, atol=1e-6, rtol=1e-5)
