@@ -15,13 +15,13 @@ out (SFT validation, evaluation prompts). Mistakes raise ConfigError naming the 
 
 from __future__ import annotations
 
-import logging
+import dataclasses
+import hashlib
 import random
+from pathlib import Path
 from typing import Any
 
 from lightning_rlhf.config import DATA_FILE_TYPES, ConfigError, DataConfig, DataSourceConfig
-
-log = logging.getLogger("lightning_rlhf")
 
 ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
@@ -30,7 +30,6 @@ ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 def read_rows(spec: DataSourceConfig, key: str, split: str) -> list[dict]:
     """All rows of one split of a source, as dicts. Raises ConfigError (unreadable, empty)."""
     import datasets
-    from pathlib import Path
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
@@ -254,8 +253,6 @@ def load_demonstrations(data: DataConfig, tokenizer) -> tuple[list[tuple[str, st
 
 def load_preferences(data: DataConfig, tokenizer, heldout_fraction: float):
     """(training triples, held-out triples); without an eval_split, `heldout_fraction` of the rows."""
-    import dataclasses
-
     renderer = Renderer(tokenizer, data.chat_template)
     split_cfg = dataclasses.replace(data, heldout_fraction=heldout_fraction)
     train, heldout = train_and_heldout(data.preferences, "data.preferences", split_cfg)
@@ -268,9 +265,6 @@ def fingerprint(data: DataConfig) -> dict[str, str]:
 
     A cache of stage outputs keyed on the config alone would serve stale models after a file is edited.
     """
-    import hashlib
-    from pathlib import Path
-
     out = {}
     for name in data.SOURCES:
         spec = getattr(data, name)
