@@ -202,7 +202,14 @@ def plot_frontier(rows: list[dict], out: Path) -> Optional[Path]:
                             fontsize=6, xytext=(3, 3), textcoords="offset points")
         refs = [r[k][0] for r in rows for k in ref_key if r.get(k, (0, 0, 0))[2]]
         if refs:
-            ax.scatter([0.0], [sum(refs) / len(refs)], marker="s", color="gray", label="initial (SFT) policy")
+            ax.axhline(sum(refs) / len(refs), ls="--", color="gray", lw=1, label="initial (SFT) policy, KL 0")
+        if min(xs) > 0 and max(xs) / min(xs) > 10:
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(title=title, xlabel="KL(policy || reference) at the end, per sequence", ylabel=y_key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

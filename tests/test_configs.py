@@ -1,0 +1,122 @@
+"""Every shipped experiment and sweep composes with Hydra and validates; every value a sweep can
+launch validates too; every experiment documents its question, command and measured result."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from lightning_rlhf.config import validate
+from lightning_rlhf.train import check_optimized_metric
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
+SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
+MISSING = object()
+
+
+def _compose(*overrides: str, hydra: bool = False):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=["run_dir=/tmp/unused", *overrides], return_hydra_config=hydra)
+
+
+def _validate(cfg):
+    run_cfg = validate(cfg)
+    check_optimized_metric(run_cfg)
+    return run_cfg
+
+
+def test_the_groups_link_to_the_experiment_and_sweep_folders():
+    assert (CONF / "experiment").resolve() == (ROOT / "experiments").resolve()
+    assert (CONF / "sweep").resolve() == (ROOT / "sweeps").resolve()
+    assert {"kl_frontier", "seeds", "optuna_lr_kl"} <= set(SWEEPS)
+
+
+def test_default_config_validates():
+    run_cfg = _validate(_compose())
+    assert run_cfg.stage == "pipeline" and run_cfg.resume is None and run_cfg.checkpoint.enabled
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_validates(name):
+    cfg = _compose(f"experiment={name}")
+    _validate(cfg)
+    # an experiment only states what differs: it is a _global_ package and changes something
+    text = (ROOT / "experiments" / f"{name}.yaml").read_text()
+    assert text.lstrip().startswith("# @package _global_")
+    assert OmegaConf.to_container(cfg) != OmegaConf.to_container(_compose())
+
+
+def _section(text: str, name: str) -> int:
+    """Where the section `name` starts: a heading (## Question) or a bold lead-in (**Question.**)."""
+    m = re.search(rf"^(#+ *{name}\b|\*\*{name}\b)", text, re.M)
+    return m.start() if m else -1
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_has_its_question_command_and_result_table(name):
+    md = ROOT / "experiments" / f"{name}.md"
+    assert md.exists(), f"experiments/{name}.md is missing"
+    text = md.read_text()
+    starts = {s: _section(text, s) for s in ("Question", "Command", "Result")}
+    assert all(v >= 0 for v in starts.values()), f"{md.name}: sections found {starts}"
+    command = text[starts["Command"] : starts["Result"]]
+    assert "rlhf-train" in command, f"{md.name}: the command section has no rlhf-train command"
+    result = text[starts["Result"] :]
+    assert re.search(r"^\|.*\|\s*$\n^\|[-| :]+\|\s*$", result, re.M), f"{md.name}: no result table"
+
+
+def _candidates(key: str, spec: str) -> list:
+    """The values a sweep can launch for `key`: every choice / range value, an interval's two ends."""
+    override = OverridesParser.create().parse_override(f"{key}={spec}")
+    value = override.value()
+    if isinstance(value, ChoiceSweep):
+        return list(value.list)
+    if isinstance(value, RangeSweep):
+        return list(override.sweep_iterator())
+    if isinstance(value, IntervalSweep):
+        return [value.start, value.end]
+    return [value]
+
+
+# every sweep on the default task; `seeds` with every experiment; kl_frontier with its experiment
+COMBINATIONS = [(name, None) for name in SWEEPS] + [("seeds", e) for e in EXPERIMENTS] + [("kl_frontier", "kl_frontier")]
+
+
+@pytest.mark.parametrize("name, experiment", COMBINATIONS)
+def test_sweep_composes_and_every_launchable_value_validates(name, experiment):
+    base = [f"sweep={name}"] + ([f"experiment={experiment}"] if experiment else [])
+    cfg = _compose(*base, hydra=True)
+    assert cfg.hydra.mode == RunMode.MULTIRUN, "a sweep runs as a multirun without -m"
+    params = cfg.hydra.sweeper.params
+    assert params, "a sweep sweeps something"
+    for key, spec in params.items():
+        assert OmegaConf.select(cfg, key, default=MISSING) is not MISSING, f"{name}: {key} is not a config key"
+        for value in _candidates(key, str(spec)):
+            _validate(_compose(*base, f"{key}={value}"))
+
+
+def test_optuna_sweep_maximises_the_final_gold_score_over_lr_and_kl():
+    cfg = _compose("sweep=optuna_lr_kl", hydra=True)
+    sweeper = cfg.hydra.sweeper
+    assert "optuna" in sweeper._target_.lower() and sweeper.direction == "maximize"
+    assert set(sweeper.params) == {"trainer.ppo.lr", "loss.kl_coef"}
+    assert cfg.optimized_metric == "gold_score_final"
+    assert sweeper.max_failure_rate == 1.0  # a failed trial does not stop the study
+
+
+def test_kl_frontier_sweeps_kl_coefficients_and_seeds_on_the_default_task():
+    cfg = _compose("sweep=kl_frontier", hydra=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params) == {"loss.kl_coef", "seed"}
+    assert len(_candidates("loss.kl_coef", params["loss.kl_coef"])) >= 4
+    assert len(_candidates("seed", str(params["seed"]))) >= 3
+    assert cfg.stage == "pipeline"
