@@ -148,3 +148,30 @@ def test_lora_config_group_composes():
         bad = compose(config_name="train", overrides=["+model/lora=default", "model.lora.r=0", "run_dir=."])
     with pytest.raises(ConfigError, match=r"^model.lora.r: must be > 0"):
         validate(bad)
+
+
+def test_sampler_sees_the_adapters(tokenizer, tiny_lm):
+    """Log-probs the sampler returns (they become old_logprobs) equal the LoRA policy's forward:
+    no fast path may decode with the bare backbone."""
+    from lightning_rlhf.losses import logprobs_from_logits
+    from lightning_rlhf.sampling import response_mask_from_ids, sample
+
+    policy, _ = build_policy_and_ref(tiny_lm, LoraConfig(**LORA))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5 * torch.randn_like(p))
+    policy.eval()
+    ids, mask = left_pad(encode_prompts(tokenizer, generate_prompts(6, seed=3), 12), tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    out = sample(policy.lm, ids, mask, 6, tokenizer.eos_token_id, tokenizer.pad_token_id, with_logprobs=True)
+    resp_mask = response_mask_from_ids(out.response_ids, tokenizer.eos_token_id)
+    full_ids = torch.cat([ids, out.response_ids], 1)
+    full_mask = torch.cat([mask, resp_mask], 1).long()
+    T = out.response_ids.shape[1]
+    with torch.no_grad():
+        expected = logprobs_from_logits(policy(full_ids, full_mask, T, with_values=False)[0].float(), out.response_ids)
+        bare = logprobs_from_logits(ref_logits(AdapterDisabledRef(policy), full_ids, full_mask, T).float(),
+                                    out.response_ids)
+    assert torch.allclose(out.logprobs[resp_mask], expected[resp_mask], atol=1e-4)
+    assert not torch.allclose(bare[resp_mask], expected[resp_mask], atol=1e-3), "the adapters must matter here"
