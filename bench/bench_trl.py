@@ -168,7 +168,7 @@ def run_trl(s: common.Settings, iterations: int, probe: Probe, folder: Path, col
         response_length=s.response_length, temperature=s.temperature, stop_token="eos", missing_eos_penalty=None,
         kl_coef=s.kl_coef, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95,
         whiten_rewards=False, learning_rate=s.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        num_sample_generations=0, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1,
+        num_sample_generations=0, report_to="none", save_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0,
     )
 
@@ -242,35 +242,40 @@ def _receive(conn, side: str, expected: str):
 
 def side_by_side(settings: common.Settings, sides, warmup: int, iterations: int) -> dict[str, list[dict]]:
     """Run `warmup + iterations` PPO iterations of each side, alternating; -> timed results per side."""
+    return interleave({side: (side, settings) for side in sides}, warmup, iterations)
+
+
+def interleave(jobs: dict[str, tuple[str, common.Settings]], warmup: int, iterations: int) -> dict[str, list[dict]]:
+    """jobs: name -> (side, settings), one worker process each, handed one iteration at a time in turn."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     total = warmup + iterations
+    names = list(jobs)
     procs, conns = {}, {}
-    for side in sides:
+    for name, (side, settings) in jobs.items():
         parent_conn, child_conn = ctx.Pipe()
-        procs[side] = ctx.Process(target=worker, args=(side, settings.as_dict(), total, child_conn), daemon=True)
-        procs[side].start()
+        procs[name] = ctx.Process(target=worker, args=(side, settings.as_dict(), total, child_conn), daemon=True)
+        procs[name].start()
         child_conn.close()
-        conns[side] = parent_conn
+        conns[name] = parent_conn
     try:
-        for side in sides:
-            _receive(conns[side], side, "ready")
-        results = {side: [] for side in sides}
+        for name in names:
+            _receive(conns[name], name, "ready")
+        results = {name: [] for name in names}
         for r in range(total):
-            order = list(sides[r % len(sides):]) + list(sides[: r % len(sides)])
-            for side in order:
-                conns[side].send(("go", r == warmup))
-                res = _receive(conns[side], side, "result")
+            for name in names[r % len(names):] + names[: r % len(names)]:  # the order rotates
+                conns[name].send(("go", r == warmup))
+                res = _receive(conns[name], name, "result")
                 if r >= warmup:
-                    results[side].append(res)
-        for side in sides:
-            _receive(conns[side], side, "exit")
+                    results[name].append(res)
+        for name in names:
+            _receive(conns[name], name, "exit")
     finally:
-        for side in sides:
-            procs[side].join(timeout=60)
-            if procs[side].is_alive():
-                procs[side].kill()
+        for name in names:
+            procs[name].join(timeout=60)
+            if procs[name].is_alive():
+                procs[name].kill()
     return results
 
 
@@ -319,18 +324,23 @@ def versions() -> str:
 
 
 def scaling(base: common.Settings, warmup: int, iterations: int) -> list[dict]:
-    """lightning-rlhf alone: time per iteration as the batch size and the response length double."""
+    """lightning-rlhf alone: time per iteration as the batch size and the response length double.
+
+    The four points of a model run interleaved (one process each), like the sides of the comparison.
+    """
     rows = []
     for model, b, t in ((base.model, base.batch_size, base.response_length), ("25m", 8, 16)):
-        for mb, mt in ((1, 1), (2, 1), (1, 2), (2, 2)):
-            s = base.with_(model=model, batch_size=b * mb, response_length=t * mt)
-            res = summarize(side_by_side(s, (OURS,), warmup, iterations)[OURS], s)
+        points = {(mb, mt): base.with_(model=model, batch_size=b * mb, response_length=t * mt)
+                  for mb, mt in ((1, 1), (2, 1), (1, 2), (2, 2))}
+        results = interleave({f"{model} x{mb}x{mt}": (OURS, s) for (mb, mt), s in points.items()}, warmup, iterations)
+        for ((mb, mt), s), runs in zip(points.items(), results.values()):
+            res = summarize(runs, s)
             rows.append({"model": model, "batch_size": s.batch_size, "response_length": s.response_length,
                          "work": mb * mt, **res})
-            base_row = next(r for r in rows if r["model"] == model and r["work"] == 1)
+            first = rows[-1] if (mb, mt) == (1, 1) else next(r for r in rows if r["model"] == model and r["work"] == 1)
+            ratio = res["iter_ms"] / first["iter_ms"]
             print(f"| {model} | {s.batch_size} | {s.response_length} | {mb * mt}x | {res['iter_ms']:.1f} | "
-                  f"{res['iter_ms'] / base_row['iter_ms']:.2f}x | "
-                  f"{res['iter_ms'] / base_row['iter_ms'] / (mb * mt):.2f} |", flush=True)
+                  f"{res['cpu_ms']:.1f} | {ratio:.2f}x | {ratio / (mb * mt):.2f} |", flush=True)
     return rows
 
 
@@ -571,8 +581,8 @@ def main(argv=None) -> int:
     rows = []
     if not a.no_scaling:
         print("\nscaling (lightning-rlhf alone; cost per response token relative to the first row of each model):")
-        print("| model | batch | response len | work | iter ms | time ratio | ratio / work |")
-        print("|---|---|---|---|---|---|---|")
+        print("| model | batch | response len | work | iter ms | cpu ms | time ratio | ratio / work |")
+        print("|---|---|---|---|---|---|---|---|")
         rows = scaling(s, 1, a.scaling_iterations)
 
     if a.json:

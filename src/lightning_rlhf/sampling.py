@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from lightning_rlhf.models.policy import position_ids_from_mask
+from lightning_rlhf.models.policy import LlamaTrunk, position_ids_from_mask
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -64,28 +63,22 @@ class LlamaDecoder:
     """The decode step of a Llama-architecture model without the Hugging Face module stack.
 
     Same weights and the same arithmetic as `LlamaModel.forward` on one new token with a KV cache
-    (the prefill still goes through Hugging Face). What it drops is the per-step Python: mask
-    building, cache objects, output classes and ~25 `nn.Module` calls (~9 us each on CPU, about
-    twice the cost of the small matmul inside). On small models decoding is bound by that overhead,
-    not by arithmetic. `LlamaDecoder.build(lm, ...)` returns None for anything it does not cover
-    exactly (other architectures, LoRA or quantised projections, dynamic RoPE, sharded parameters),
-    and the sampler then uses the Hugging Face forward.
+    (the prefill still goes through Hugging Face), written with `models.policy.LlamaTrunk`'s pieces.
+    What it drops is the per-step Python: mask building, cache objects, output classes and ~25
+    `nn.Module` calls (~9 us each on CPU, about twice the small matmul inside). On small models
+    decoding is bound by that overhead, not by arithmetic. `build` returns None for the models that
+    LlamaTrunk does not cover, and the sampler then uses the Hugging Face forward.
     """
-
-    PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at init (no dynamic update)
 
     def __init__(self, base, past, prompt_mask: torch.Tensor, first_position: torch.Tensor, max_new_tokens: int):
         cfg = base.config
+        self.base, self.layers = base, list(base.layers)
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.act = F.silu if cfg.hidden_act == "silu" else None
-        self.embedding = base.embed_tokens.weight
-        self.cos, self.sin = self.rope_table(base.rotary_emb, first_position, max_new_tokens, self.embedding.dtype)
-        self.norm = (base.norm.weight, base.norm.variance_epsilon)
-        self.layers = [self.weights(layer) for layer in base.layers]
         B, P = prompt_mask.shape
+        # cos, sin (steps, B, 1, D) of every position this call will decode
+        positions = first_position[None] + torch.arange(max_new_tokens, device=first_position.device)[:, None, None]
+        self.cos, self.sin = LlamaTrunk.rope(base.rotary_emb, positions, base.embed_tokens.weight.dtype)
         self.prompt_len, self.pos = P, P  # self.pos: the cache index of the next token
         self.mask = torch.ones(B, 1, 1, P + max_new_tokens, dtype=torch.bool, device=prompt_mask.device)
         self.mask[:, 0, 0, :P] = prompt_mask.bool()
@@ -96,32 +89,15 @@ class LlamaDecoder:
             buf_k[:, :, :P], buf_v[:, :, :P] = k, v
             self.keys.append(buf_k), self.values.append(buf_v)
 
-    def weights(self, layer) -> dict:
-        linear = {name.split(".")[1]: (layer.get_submodule(name).weight, layer.get_submodule(name).bias)
-                  for name in self.PROJECTIONS}
-        return {**linear, "act": self.act or layer.mlp.act_fn, "scaling": layer.self_attn.scaling,
-                "ln1": (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
-                "ln2": (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)}
-
     @staticmethod
     def cached(past) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if hasattr(past, "layers"):  # transformers >= 4.56
             return [(layer.keys, layer.values) for layer in past.layers]
         return list(zip(past.key_cache, past.value_cache))
 
-    @classmethod
-    def supported(cls, lm) -> bool:
-        base = getattr(lm, "base_model", None)
-        if type(base).__name__ != "LlamaModel" or type(base.norm).__name__ != "LlamaRMSNorm":
-            return False
-        if getattr(base.rotary_emb, "rope_type", None) not in cls.STATIC_ROPE:
-            return False
-        for layer in base.layers:
-            if type(layer).__name__ != "LlamaDecoderLayer":
-                return False
-            if any(type(layer.get_submodule(name)) is not nn.Linear for name in cls.PROJECTIONS):
-                return False  # LoRA, quantised, ...
-        return not any(hasattr(p, "ds_id") for p in base.parameters())  # ZeRO-3 shards (not gathered)
+    @staticmethod
+    def supported(lm) -> bool:
+        return LlamaTrunk.supported(lm)
 
     @classmethod
     def build(cls, lm, past, prompt_mask, first_position, max_new_tokens):
@@ -132,45 +108,26 @@ class LlamaDecoder:
         except (AttributeError, TypeError):  # a cache layout this class does not know
             return None
 
-    @staticmethod
-    def rope_table(rotary, first_position: torch.Tensor, steps: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (steps, B, 1, D) for positions first_position (B, 1) + 0..steps-1, as LlamaRotaryEmbedding."""
-        positions = first_position[None] + torch.arange(steps, device=first_position.device)[:, None, None]
-        freqs = positions.float() * rotary.inv_freq  # (steps, B, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]
-        scale = rotary.attention_scaling
-        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
-
-    @staticmethod
-    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # as LlamaRMSNorm
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * h.to(x.dtype)
-
-    @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # as apply_rotary_pos_emb
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """The next token (B,) long -> last hidden state (B, H) after the final norm."""
         B, i = token.shape[0], self.pos
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
-        x = F.embedding(token, self.embedding)  # (B, H)
+        x = F.embedding(token, self.base.embed_tokens.weight)  # (B, H)
         cos, sin = self.cos[i - self.prompt_len], self.sin[i - self.prompt_len]
         mask = self.mask[..., : i + 1]
-        for w, keys, values in zip(self.layers, self.keys, self.values):
-            h = self.rms_norm(x, *w["ln1"])
-            q = self.rotate(F.linear(h, *w["q_proj"]).view(B, nh, d), cos, sin)
-            keys[:, :, i] = self.rotate(F.linear(h, *w["k_proj"]).view(B, nkv, d), cos, sin)
-            values[:, :, i] = F.linear(h, *w["v_proj"]).view(B, nkv, d)
+        for layer, keys, values in zip(self.layers, self.keys, self.values):
+            attn = layer.self_attn
+            h = LlamaTrunk.rms_norm(x, layer.input_layernorm)
+            q = LlamaTrunk.rotate(F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, nh, d), cos, sin)
+            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B, nkv, d)
+            keys[:, :, i] = LlamaTrunk.rotate(k, cos, sin)
+            values[:, :, i] = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B, nkv, d)
             o = F.scaled_dot_product_attention(q[:, :, None], keys[:, :, : i + 1], values[:, :, : i + 1],
-                                               attn_mask=mask, scale=w["scaling"], enable_gqa=nh != nkv)
-            x = x + F.linear(o.reshape(B, nh * d), *w["o_proj"])
-            h = self.rms_norm(x, *w["ln2"])
-            x = x + F.linear(w["act"](F.linear(h, *w["gate_proj"])) * F.linear(h, *w["up_proj"]), *w["down_proj"])
+                                               attn_mask=mask, scale=attn.scaling, enable_gqa=nh != nkv)
+            x = x + F.linear(o.reshape(B, nh * d), attn.o_proj.weight, attn.o_proj.bias)
+            x = x + LlamaTrunk.mlp(layer, LlamaTrunk.rms_norm(x, layer.post_attention_layernorm))
         self.pos += 1
-        return self.rms_norm(x, *self.norm)
+        return LlamaTrunk.rms_norm(x, self.base.norm)
 
 
 @dataclass
