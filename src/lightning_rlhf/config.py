@@ -466,6 +466,7 @@ class RunConfig:
         if self.resume not in (None, "auto"):
             _check(Path(self.resume).expanduser().exists(), "resume", "checkpoint not found (or use auto)",
                    self.resume)
+        self.model.check_stage(self.stage), self.data.check_stage(self.stage)
         if self.stage == "ppo" and self.reward.type == "model":
             _check(self.reward.path is not None, "reward.path",
                    "stage=ppo with reward.type=model needs the reward model folder", None)
