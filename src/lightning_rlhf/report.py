@@ -161,6 +161,12 @@ def _fmt(stat: tuple[float, float, int]) -> str:
     return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
 
 
+def _short(value) -> str:
+    """A swept value as written, numbers with at most 4 significant digits (Optuna draws long floats)."""
+    number = _number(value)
+    return f"{number:.4g}" if isinstance(number, float) and len(str(value)) > 8 else str(value)
+
+
 def sweep_table(rows: list[dict]) -> str:
     """Markdown: one line per setting, mean ± std (sample std across seeds) of the main metrics."""
     if not rows:
@@ -170,7 +176,7 @@ def sweep_table(rows: list[dict]) -> str:
     head = [*setting_keys, "n", *metrics] + (["failed"] if any(r["failed"] for r in rows) else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [str(r["setting"][k]) for k in setting_keys] + [str(r["n"])]
+        cells = [_short(r["setting"][k]) for k in setting_keys] + [str(r["n"])]
         cells += [_fmt(r[m]) if m in r else "-" for m in metrics]
         if "failed" in head:
             cells.append(str(r["failed"]))

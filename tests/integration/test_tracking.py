@@ -71,19 +71,17 @@ def test_offline_wandb_run_holds_config_metrics_samples_and_plots(tmp_path, no_w
     assert run.series("val/gold_score", "ppo/iteration") == [
         (int(r["iteration"]), pytest.approx(float(r["val/gold_score"]))) for r in evals]
 
-    # the samples table: cumulative, one block of held-out samples per evaluation
+    # a samples table at each evaluation: that evaluation's held-out samples
     tables = run.tables("samples")
-    assert len(tables) == 3
-    last = tables[-1]
-    assert last["columns"] == tracking.SAMPLE_COLUMNS
+    assert len(tables) == len(evals) == 3
     n_eval = cfg.data.num_eval_prompts
-    assert len(last["data"]) == 3 * n_eval
-    col = {c: i for i, c in enumerate(last["columns"])}
-    for r in evals:
-        it = int(r["iteration"])
-        block = [d for d in last["data"] if d[col["iteration"]] == it]
-        assert len(block) == n_eval
+    for table, r in zip(tables, evals):
+        assert table["columns"] == tracking.SAMPLE_COLUMNS
+        col = {c: i for i, c in enumerate(table["columns"])}
+        block = table["data"]
+        assert len(block) == n_eval and {d[col["iteration"]] for d in block} == {int(r["iteration"])}
         assert sum(d[col["score"]] for d in block) / n_eval == pytest.approx(float(r["val/proxy_reward"]), abs=1e-5)
+        assert sum(d[col["gold"]] for d in block) / n_eval == pytest.approx(float(r["val/gold_score"]), abs=1e-5)
         assert sum(d[col["kl"]] for d in block) / n_eval == pytest.approx(float(r["val/kl"]), abs=1e-4)
         assert all(isinstance(d[col["prompt"]], str) and isinstance(d[col["response"]], str) for d in block)
 

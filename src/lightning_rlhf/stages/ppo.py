@@ -61,7 +61,6 @@ class EvalEvery(L.Callback):
         self.samples_every, self.iterations = samples_every, iterations
         self.history: list[dict] = []
         self.samples: dict[int, list[dict]] = {}
-        self.tabled: list[int] = []  # iterations whose samples went to the W&B table
         self.loggers: list = []
 
     def run(self, iteration: int) -> dict:
@@ -79,8 +78,7 @@ class EvalEvery(L.Callback):
             else:
                 lg.log_metrics(metrics, step=iteration)
         if any(isinstance(lg, WandbStageLogger) for lg in self.loggers) and self._tables(iteration):
-            self.tabled.append(iteration)
-            log_samples([dict(s, iteration=i) for i in self.tabled for s in self.samples[i]], iteration)
+            log_samples([dict(s, iteration=iteration) for s in samples], iteration)
         return metrics
 
     def _tables(self, iteration: int) -> bool:
@@ -92,10 +90,11 @@ class EvalEvery(L.Callback):
             self.run(batch_idx)
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "samples": [[i, s] for i, s in self.samples.items()], "tabled": self.tabled}
+        # the initial samples are what samples.md compares the final ones with
+        return {"history": self.history, "samples": [[i, s] for i, s in self.samples.items() if i == 0]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.history, self.tabled = list(state["history"]), list(state["tabled"])
+        self.history = list(state["history"])
         self.samples = {int(i): s for i, s in state["samples"]}
 
 
