@@ -8,6 +8,7 @@ Derived sizes are methods; nothing is written back into the config.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -434,7 +435,8 @@ class StageCacheConfig:
     """Content-addressed cache of the pipeline's SFT and reward-model outputs (shared by a sweep's jobs)."""
 
     enabled: bool = True
-    dir: str = "~/.cache/lightning_rlhf"  # entries live in <dir>/stages/<stage>-<hash>
+    # entries live in <dir>/stages/<stage>-<hash>; conf/train.yaml reads the same variable
+    dir: str = field(default_factory=lambda: os.environ.get("LIGHTNING_RLHF_CACHE", "~/.cache/lightning_rlhf"))
 
     def check(self) -> None:
         _check(bool(self.dir), "cache.dir", "must be a folder path", self.dir)
