@@ -131,7 +131,7 @@ class ZeroStrategy(DeepSpeedStrategy):
     strategy_name = "deepspeed_any_device"
 
     def __init__(self, ds: DeepSpeedConfig, gpu: bool = True, **kwargs):
-        super().__init__(config=deepspeed_config(ds, gpu), exclude_frozen_parameters=True, **kwargs)
+        super().__init__(config=deepspeed_config(ds, gpu), **kwargs)
         self.ds = ds
         self._frozen_engines: list = []
 
@@ -169,15 +169,18 @@ class ZeroStrategy(DeepSpeedStrategy):
         )
         return engine, ds_optimizer
 
-    def prepare_frozen(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        """An inference-only model on this rank's device. Under ZeRO-3 (hardware.deepspeed.
-        shard_frozen_models) its parameters are partitioned over the ranks in an engine without an
-        optimizer; DeepSpeed's hooks gather them layer by layer in each forward (once per micro-batch,
-        not per token: the frozen models only score whole sequences)."""
-        has_params = any(True for _ in model.parameters())
-        if not (has_params and self.zero_stage == 3 and self.ds.shard_frozen_models):
-            return model.to(device=self.root_device, dtype=dtype) if dtype is not None and has_params \
-                else model.to(self.root_device)
+    def prepare_frozen(self, model: nn.Module) -> nn.Module:
+        """An inference-only model on this rank's device, in the policy's compute dtype when DeepSpeed
+        trains in bf16/fp16. Under ZeRO-3 (hardware.deepspeed.shard_frozen_models) its parameters are
+        partitioned over the ranks in an engine without an optimizer; DeepSpeed's hooks gather them
+        layer by layer in each forward (once per micro-batch, not per token: the frozen models score
+        whole sequences)."""
+        if not any(True for _ in model.parameters()):  # e.g. a reward function, a LoRA policy's reference
+            return model
+        if not (self.zero_stage == 3 and self.ds.shard_frozen_models):
+            dtype = getattr(self.precision_plugin, "_desired_dtype", None)
+            half = {"dtype": dtype} if dtype in (torch.bfloat16, torch.float16) else {}
+            return model.to(self.root_device, **half)
         import deepspeed
 
         zero = {k: v for k, v in self.config["zero_optimization"].items()
@@ -288,8 +291,7 @@ def prepare_frozen(trainer, model: nn.Module) -> nn.Module:
     """Place an inference-only model for this strategy (see ZeroStrategy.prepare_frozen)."""
     strategy = trainer.strategy
     if isinstance(strategy, ZeroStrategy):
-        dtype = getattr(trainer.precision_plugin, "_desired_dtype", None)  # DeepSpeed casts the policy too
-        return strategy.prepare_frozen(model, dtype if dtype in (torch.bfloat16, torch.float16) else None)
+        return strategy.prepare_frozen(model)
     return model.to(strategy.root_device)
 
 
@@ -345,3 +347,31 @@ def _is_tied(model: nn.Module, key: str, state: dict) -> bool:
     params = dict(model.named_parameters(remove_duplicate=False))
     target = params.get(key)
     return target is not None and any(params.get(k) is target for k in state)
+
+
+def _export_main(argv: list[str] | None = None) -> None:
+    """python -m lightning_rlhf.strategies export CHECKPOINT BASE_MODEL OUT
+
+    CHECKPOINT: a PPO checkpoint from any strategy (a DeepSpeed folder or a .ckpt file); BASE_MODEL: a
+    Hugging Face folder with the policy's architecture and tokenizer (e.g. the run's sft/model or policy/);
+    OUT: the Hugging Face folder to write (policy weights + value_head.pt). Full (non-LoRA) policies.
+    """
+    import argparse
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_rlhf.models.policy import PolicyWithValueHead
+
+    parser = argparse.ArgumentParser(prog="python -m lightning_rlhf.strategies", description=_export_main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["export"])
+    parser.add_argument("checkpoint")
+    parser.add_argument("base_model")
+    parser.add_argument("out")
+    args = parser.parse_args(argv)
+    policy = PolicyWithValueHead(AutoModelForCausalLM.from_pretrained(args.base_model))
+    print(export_policy(args.checkpoint, policy, args.out, AutoTokenizer.from_pretrained(args.base_model)))
+
+
+if __name__ == "__main__":
+    _export_main()

@@ -78,6 +78,18 @@ class ReplayThenTrain(PPOModule):
 
         self.__dict__["count_hook"] = self.policy.lm.base_model.register_forward_pre_hook(count, with_kwargs=True)
 
+        ddp = self.trainer.strategy.model
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):  # count DDP's gradient all-reduces
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            self.dump["first_bucket_reductions"] = 0
+
+            def counting_allreduce(state, bucket):
+                self.dump["first_bucket_reductions"] += bucket.index() == 0  # once per synchronised backward
+                return allreduce_hook(state, bucket)
+
+            ddp.register_comm_hook(None, counting_allreduce)
+
     def on_fit_end(self) -> None:
         self.count_hook.remove()
         super().on_fit_end()
@@ -122,7 +134,7 @@ def run_phase(out: Path, phase: str, devices: int, accelerator: str = "cpu", pre
     hardware = {**PHASES[phase], "accelerator": accelerator, "devices": devices, "precision": precision}
     per_rank = GLOBAL_BATCH // devices
     cfg = tiny_run_config(
-        hardware=hardware, loss={"kl_coef": 0.1},
+        hardware=hardware, loss={"kl_coef": 0.1}, reward={"normalize": True},
         trainer={"ppo": {"iterations": 2, "rollout_batch_size": per_rank, "minibatch_size": per_rank,
                          "micro_batch_size": 2, "epochs": 2, "lr": 1e-2, "max_grad_norm": 0.5}},
     )
@@ -151,7 +163,7 @@ def run_phase(out: Path, phase: str, devices: int, accelerator: str = "cpu", pre
     dump = module.dump | {
         "initial": initial, "rank": rank, "world": world, "initial_seed": torch.initial_seed(),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-        "kl_coef": module.kl_ctl.value,
+        "kl_coef": module.kl_ctl.value, "optimizer_steps": trainer.global_step,
         "final": policy_state(module.policy),
     }
 

@@ -53,6 +53,9 @@ def test_ranks_sample_apart_and_share_global_statistics(phase, two_processes):
     # advantages are whitened with the statistics of the global batch (both ranks together)
     adv = torch.cat([e["advantages"][e["response_mask"]] for e in (e0, e1)]).double()
     assert abs(float(adv.mean())) < 1e-5 and abs(float(adv.std()) - 1.0) < 1e-3
+    # scores are normalised with running moments of the global batch (reward.normalize; first update)
+    normalised = torch.cat([e0["scores"], e1["scores"]]).double()
+    assert abs(float(normalised.mean())) < 1e-5 and abs(float(normalised.std(unbiased=False)) - 1.0) < 1e-4
     # logged metrics are global: the same on both ranks, e.g. the score is the mean over both ranks
     for key in ("objective/score", "objective/kl", "policy/loss", "critic/loss", "rollout/response_len"):
         assert r0["metrics"][key] == pytest.approx(r1["metrics"][key], abs=1e-6), key
@@ -69,6 +72,9 @@ def test_ranks_sample_apart_and_share_global_statistics(phase, two_processes):
 @pytest.mark.parametrize("phase", PHASES)
 def test_frozen_models_and_generation_under_each_strategy(phase, two_processes):
     r0, _ = ranks(two_processes, phase)
+    if phase == "ddp":  # gradients are all-reduced once per optimizer step, not once per micro-batch
+        assert r0["optimizer_steps"] == 4  # 2 epochs x 1 minibatch, replay and real iteration
+        assert r0["first_bucket_reductions"] == r0["optimizer_steps"]
     # ZeRO-3 partitions the reward model in its own engine; elsewhere it is an ordinary replica
     assert r0["frozen_sharded"] is (phase == "zero3")
     # no rollout forward of the policy ran on partitioned parameters (ZeRO-3 gathers once per rollout)
@@ -88,9 +94,21 @@ def test_checkpoint_exports_hugging_face_folder(phase, two_processes, tmp_path, 
     r0, _ = ranks(two_processes, phase)
     ckpt = two_processes / phase / ("ckpt" if phase.startswith("zero") else "last.ckpt")
     template = PolicyWithValueHead(load_causal_lm(tiny_run_config().model, tokenizer, seed=5))
-    export_policy(ckpt, template, tmp_path / "hf", tokenizer)
+    if phase == "zero3":  # through the command line: python -m lightning_rlhf.strategies export CKPT BASE OUT
+        from lightning_rlhf.strategies import _export_main
+
+        template.save_pretrained(tmp_path / "base", tokenizer)
+        _export_main(["export", str(ckpt), str(tmp_path / "base"), str(tmp_path / "hf")])
+    else:
+        export_policy(ckpt, template, tmp_path / "hf", tokenizer)
     lm = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     for name, value in lm.state_dict().items():
         assert torch.equal(value.float(), r0["final"]["lm." + name]), name
     head = torch.load(tmp_path / "hf" / VALUE_HEAD_FILE)
     assert torch.equal(head["weight"], r0["final"]["value_head.weight"])
+
+
+def test_single_process_checkpoint_round_trip(single_process):
+    assert all(torch.equal(single_process["resumed"][k], v) for k, v in single_process["final"].items())
+    assert single_process["resumed_kl_coef"] == single_process["kl_coef"]
+    assert not single_process["frozen_sharded"] and single_process["no_grad_calls_partitioned"] == 0
