@@ -292,7 +292,8 @@ def summarize(runs: list[dict], settings: common.Settings) -> dict:
         "iter_mb": max(r["peak_rss_mb"] for r in runs) - runs[0]["base_rss_mb"],
         "iterations": len(runs),
     }
-    out["other_ms"] = out["iter_ms"] - out["rollout_ms"] - out["update_ms"]
+    out["other_ms"] = 1e3 * common.median(r["iter_s"] - r["rollout_s"] - r["update_s"] for r in runs
+                                          if r["rollout_s"] is not None and r["update_s"] is not None)
     out["rollout_tok_s"] = tokens / (out["rollout_ms"] / 1e3)
     out["update_tok_s"] = settings.epochs * tokens / (out["update_ms"] / 1e3)
     return out
@@ -338,7 +339,7 @@ def scaling(base: common.Settings, warmup: int, iterations: int) -> list[dict]:
             rows.append({"model": model, "batch_size": s.batch_size, "response_length": s.response_length,
                          "work": mb * mt, **res})
             first = rows[-1] if (mb, mt) == (1, 1) else next(r for r in rows if r["model"] == model and r["work"] == 1)
-            ratio = res["iter_ms"] / first["iter_ms"]
+            ratio = res["cpu_ms"] / first["cpu_ms"]  # CPU time: the work, whatever else the machine runs
             print(f"| {model} | {s.batch_size} | {s.response_length} | {mb * mt}x | {res['iter_ms']:.1f} | "
                   f"{res['cpu_ms']:.1f} | {ratio:.2f}x | {ratio / (mb * mt):.2f} |", flush=True)
     return rows
@@ -364,6 +365,7 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
     -> rows (group, what is timed, variant, wall ms, cpu ms); the first variant of a group is ours.
     """
     import copy
+    import dataclasses
 
     import torch
     from transformers import LlamaForSequenceClassification
@@ -372,7 +374,7 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
     from lightning_rlhf.config import GenerationConfig, LossConfig
     from lightning_rlhf.data.prompts import left_pad
     from lightning_rlhf.losses import entropy_from_logits, logprobs_from_logits
-    from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy
+    from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy, position_ids_from_mask
     from lightning_rlhf.models.reward import RewardModel, ScoreProcessor, Sequences
     from lightning_rlhf.update import minibatch_indices, ppo_loss
 
@@ -434,9 +436,9 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
             "torch.inference_mode": lambda: frozen(torch.inference_mode),
         }, rounds))
 
-    opt = torch.optim.AdamW(policy.parameters(), lr=s.lr)
+    opt = torch.optim.AdamW(policy.parameters(), lr=s.lr, fused=True)  # as strategies.make_optimizer
 
-    def update(trim: bool):
+    def update(exp, trim: bool):
         for _ in range(s.epochs):
             for mb in minibatch_indices(len(exp), s.minibatch_size()):
                 micro = exp.select(mb)
@@ -446,8 +448,16 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
                 opt.zero_grad(set_to_none=True)
 
     add("update", f"{s.epochs} epochs x {s.mini_batches} minibatches", interleaved({
-        "ours: padding trimmed per micro-batch": lambda: update(trim=True),
-        "no trimming": lambda: update(trim=False),
+        "ours: padding trimmed per micro-batch": lambda: update(exp, trim=True),
+        "no trimming": lambda: update(exp, trim=False),
+    }, rounds))
+    # the same rollout as if every response had ended (EOS) halfway: trimming drops the empty half
+    cut = torch.arange(T) < T // 2
+    short = dataclasses.replace(exp, response_mask=exp.response_mask & cut,
+                                response_ids=exp.response_ids.masked_fill(~cut, pad))
+    add("update", f"same, responses ended at {T // 2} tokens", interleaved({
+        "ours: padding trimmed per micro-batch": lambda: update(short, trim=True),
+        "no trimming": lambda: update(short, trim=False),
     }, rounds))
     logits = torch.randn(s.minibatch_size(), T, len(tok), requires_grad=True)
     targets = torch.randint(0, len(tok), (s.minibatch_size(), T))
@@ -476,9 +486,9 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
         return lambda: [o.step() for _ in range(s.epochs * s.mini_batches)]
 
     add("optimizer", f"{s.epochs * s.mini_batches} AdamW steps (one iteration)", interleaved({
-        "ours: torch.optim.AdamW defaults (for-loop on CPU)": opt_steps({}),
+        "ours: fused=True (strategies.make_optimizer; also TRL's default)": opt_steps({"fused": True}),
+        "torch.optim.AdamW defaults (for-loop on CPU)": opt_steps({}),
         "foreach=True": opt_steps({"foreach": True}),
-        "fused=True (TRL's default through transformers)": opt_steps({"fused": True}),
     }, rounds))
 
     micro = exp.select(torch.arange(s.minibatch_size())).trimmed()
@@ -495,14 +505,23 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
         values = critic(input_ids=input_ids, attention_mask=attn).logits
         (logits.sum() + values.sum()).backward()
 
+    def hf_trunk():  # the same policy forward through Hugging Face's LlamaModel.forward
+        hidden = policy.lm.base_model(input_ids=input_ids, attention_mask=attn,
+                                      position_ids=position_ids_from_mask(attn)).last_hidden_state
+        h = hidden[:, -T - 1: -1]
+        (policy.lm.get_output_embeddings()(h).sum() + policy.value_head(h).sum()).backward()
+
+    add("trunk forward", "fwd+bwd of one micro-batch", interleaved({
+        "ours: LlamaTrunk (plain functions of the weights)": shared,
+        "Hugging Face LlamaModel.forward": hf_trunk,
+    }, rounds))
     add("value model", "fwd+bwd of one micro-batch", interleaved({
         "ours: value head on the policy trunk": shared,
         "separate value model (TRL)": separate,
     }, rounds))
 
     if with_compile:
-        compiled = copy.deepcopy(policy)
-        compiled.lm.model.compile(dynamic=True)
+        compiled = torch.compile(copy.deepcopy(policy), dynamic=True)  # the policy forward, LlamaTrunk included
         t = time.perf_counter()
         logits, values = compiled(input_ids, attn, T)
         (logits.sum() + values.sum()).backward()
@@ -514,7 +533,7 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
 
         add("torch.compile", f"fwd+bwd of one micro-batch (compiling took {compile_s:.0f} s)", interleaved({
             "ours: eager": shared,
-            "policy trunk compiled (inductor, dynamic shapes)": run_compiled,
+            "policy forward compiled (inductor, dynamic shapes)": run_compiled,
         }, rounds))
     return rows
 
@@ -532,7 +551,8 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=10, help="timed iterations per side")
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
     p.add_argument("--no-scaling", action="store_true")
-    p.add_argument("--scaling-iterations", type=int, default=2)
+    p.add_argument("--scaling-iterations", type=int, default=3)
+    p.add_argument("--scaling-only", action="store_true", help="only the scaling table (no comparison, no speedup line)")
     p.add_argument("--json", type=Path, help="write every measurement here")
     p.add_argument("--ablations", action="store_true", help="only the speed ablations of lightning-rlhf's pieces")
     p.add_argument("--compile", action="store_true", help="with --ablations: also torch.compile (minutes)")
@@ -549,6 +569,14 @@ def main(argv=None) -> int:
     s = common.Settings(model=a.model, batch_size=a.batch_size, response_length=a.response_length, epochs=a.epochs,
                         mini_batches=a.mini_batches, threads=a.threads)
 
+    if a.scaling_only:
+        print(f"# lightning-rlhf scaling, {datetime.date.today().isoformat()}\nmachine: {machine()}")
+        print("| model | batch | response len | work | iter ms | cpu ms | cpu ratio | ratio / work |")
+        print("|---|---|---|---|---|---|---|---|")
+        rows = scaling(s, 1, a.scaling_iterations)
+        if a.json:
+            a.json.write_text(json.dumps({"settings": s.as_dict(), "machine": machine(), "scaling": rows}, indent=1))
+        return 0
     if a.ablations:
         print(f"# lightning-rlhf speed ablations, {datetime.date.today().isoformat()}")
         print(f"machine: {machine()}")
@@ -580,8 +608,9 @@ def main(argv=None) -> int:
 
     rows = []
     if not a.no_scaling:
-        print("\nscaling (lightning-rlhf alone; cost per response token relative to the first row of each model):")
-        print("| model | batch | response len | work | iter ms | cpu ms | time ratio | ratio / work |")
+        print("\nscaling (lightning-rlhf alone, the points of a model interleaved; ratios of CPU time per iteration "
+              "to the first row of each model, and per unit of work = batch x response length):")
+        print("| model | batch | response len | work | iter ms | cpu ms | cpu ratio | ratio / work |")
         print("|---|---|---|---|---|---|---|---|")
         rows = scaling(s, 1, a.scaling_iterations)
 
