@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pipeline tests must not reuse (or fill) the user's stage cache in ~/.cache
+os.environ.setdefault("LIGHTNING_RLHF_CACHE", tempfile.mkdtemp(prefix="lightning_rlhf_test_cache_"))
 
 
 @pytest.fixture(scope="session")

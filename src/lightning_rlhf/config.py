@@ -204,7 +204,7 @@ class LossConfig:
     value_clip_eps: float = 0.2
     vf_coef: float = 0.1  # c1
     entropy_coef: float = 0.0  # c2
-    kl_coef: float = 0.05  # initial beta
+    kl_coef: float = 0.1  # initial beta
     kl_target: Optional[float] = None  # adaptive KL controller when set
     kl_horizon: int = 10000
     kl_estimator: str = "k1"

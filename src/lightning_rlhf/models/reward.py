@@ -101,7 +101,6 @@ class Sequences:
     def responses(self) -> list[str]:
         return self._decode()[1]
 
-
     @property
     def texts(self) -> list[str]:
         """Prompt and response decoded together (decoding the parts apart can drop the space between them)."""
