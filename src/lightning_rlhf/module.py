@@ -57,6 +57,7 @@ class PPOModule(L.LightningModule):
             torch.manual_seed(rank_seed(self.cfg.seed, self.trainer.global_rank))
         self.__dict__["ref_model"] = prepare_frozen(self.trainer, self.ref_model)
         self.__dict__["reward"] = prepare_frozen(self.trainer, self.reward)
+        self.score_processor.double()  # running moments stay float64 when DeepSpeed casts the module to bf16
 
     def on_fit_end(self) -> None:
         device = next(self.policy.parameters()).device  # Lightning moves the module to CPU after fit
