@@ -57,24 +57,20 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
-def fsync_tree(path: Path) -> None:
-    """Flush a file, or every file and folder below a folder, to disk."""
-    path = Path(path)
-    paths = [path] if path.is_file() else [*(p for p in path.rglob("*")), path]
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    """Flush one file or folder entry to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush a file, or every file and folder below a folder, to disk."""
+    path = Path(path)
+    for p in [path] if path.is_file() else [*path.rglob("*"), path]:
+        _fsync(p)
 
 
 def _remove(path: Path) -> None:
@@ -95,7 +91,7 @@ def publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    _fsync(final.parent)  # the rename itself
 
 
 def save_atomic(trainer, path: Path) -> None:
