@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_rlhf.advantages import masked_mean
+from lightning_rlhf.advantages import masked_mean, masked_var
 
 
 class _TokenLogProbs(torch.autograd.Function):
@@ -129,8 +129,6 @@ def value_loss(
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var[R - V] / Var[R] over valid tokens. (B, T), (B, T) -> scalar (nan-free: 0 if Var[R] = 0)."""
-    from lightning_rlhf.advantages import masked_var
-
     var_r = masked_var(returns, mask)
     if var_r <= 0:
         return torch.zeros((), dtype=returns.dtype, device=returns.device)

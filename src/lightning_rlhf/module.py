@@ -21,6 +21,7 @@ import torch
 
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.kl_control import make_kl_controller
+from lightning_rlhf.losses import explained_variance
 from lightning_rlhf.models.reward import ScoreProcessor
 from lightning_rlhf.rollout import make_experience
 from lightning_rlhf.strategies import (micro_batch_context, make_optimizer, prepare_frozen, rank_seed,
@@ -143,14 +144,8 @@ class PPOModule(L.LightningModule):
         out = {k: torch.tensor(v / count) for k, v in sums.items()}
         out["policy/early_stopped"] = torch.tensor(float(early_stopped))
         out["policy/optimizer_steps"] = torch.tensor(float(count))
-        out["critic/explained_var"] = self._explained_variance(exp)
+        out["critic/explained_var"] = explained_variance(exp.old_values, exp.returns, exp.response_mask)
         return out
-
-    @staticmethod
-    def _explained_variance(exp) -> torch.Tensor:
-        from lightning_rlhf.losses import explained_variance
-
-        return explained_variance(exp.old_values, exp.returns, exp.response_mask)
 
     # ---- checkpoints: the frozen models are rebuilt from their folders, never saved ------------
     def state_dict(self, *args, **kwargs):
