@@ -14,8 +14,6 @@ optimises them (ZeRO-3 shards them in inference-only engines).
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-
 import lightning as L
 import torch
 
@@ -24,6 +22,7 @@ from lightning_rlhf.kl_control import make_kl_controller
 from lightning_rlhf.losses import explained_variance
 from lightning_rlhf.models.reward import ScoreProcessor
 from lightning_rlhf.rollout import make_experience
+from lightning_rlhf.stages.common import publish_metrics
 from lightning_rlhf.strategies import (micro_batch_context, make_optimizer, prepare_frozen, rank_seed,
                                        rollout_context, set_gradient_clipping)
 from lightning_rlhf.update import minibatch_indices, ppo_loss
@@ -87,16 +86,19 @@ class PPOModule(L.LightningModule):
         stats["objective/kl_coef"] = torch.tensor(self.kl_ctl.value)
         self.kl_ctl.update(float(self._global_mean(stats["objective/kl"])), len(exp) * self.trainer.world_size)
         self.lr_schedulers().step()
-        n_tokens = self._global_sum(exp.response_mask.sum().float())
-        stats.update({
+        stats |= {
             "perf/rollout_s": torch.tensor(t1 - t0),
             "perf/update_s": torch.tensor(t2 - t1),
-            "perf/tokens_per_s": n_tokens / (t2 - t0),
+            "perf/tokens_per_s": self._global_sum(exp.response_mask.sum().float()) / (t2 - t0),
             "perf/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
-        })
-        self.log_dict({k: v.float() for k, v in stats.items()}, on_step=True, sync_dist=True, batch_size=len(exp))
-        self.log_dict({"score": stats["objective/score"], "kl": stats["objective/kl"]}, prog_bar=True,
-                      logger=False, batch_size=len(exp))
+        }
+        metrics = self._global_mean_dict(stats)  # what sync_dist=True would log, in one all-reduce
+        publish_metrics(self.trainer, metrics, prog_bar={"score": "objective/score", "kl": "objective/kl"})
+
+    def _global_mean_dict(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Scalar tensors -> their means over ranks as floats: one all-reduce and one host sync in all."""
+        values = torch.stack([v.detach().float().reshape(()) for v in stats.values()])
+        return dict(zip(stats, self._global_mean(values).tolist()))
 
     def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
         return self.all_reduce_sum(x.detach()) if self.trainer.world_size > 1 else x
@@ -114,7 +116,7 @@ class PPOModule(L.LightningModule):
         ppo, loss_cfg = self.cfg.trainer.ppo, self.cfg.loss
         opt = self.optimizers()
         world = self.trainer.world_size
-        sums, count = defaultdict(float), 0
+        sums, count = {}, 0
         early_stopped = False
         for _ in range(ppo.epochs):
             for mb_index in minibatch_indices(len(exp), ppo.minibatch_size):
@@ -128,20 +130,20 @@ class PPOModule(L.LightningModule):
                     with micro_batch_context(self.trainer, sync=i == len(micro_indices) - 1):
                         loss, stats = ppo_loss(self.policy, micro, loss_cfg, self.cfg.generation.temperature)
                         self.manual_backward(loss * (n_tokens * world / global_tokens))
-                    share = float(n_tokens / local_tokens.clamp(min=1))  # this rank's metrics
+                    share = n_tokens / local_tokens.clamp(min=1)  # this rank's metrics, kept on the device
                     for k, v in stats.items():
-                        sums[k] += float(v) * share
+                        sums[k] = sums.get(k, 0.0) + v * share
                 count += 1
                 if ppo.max_grad_norm is not None:
                     self.clip_gradients(opt, gradient_clip_val=ppo.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             if loss_cfg.early_stop_kl is not None:  # decided on the global mean: every rank stops together
-                approx_kl = self._global_mean(torch.tensor(sums["policy/approx_kl"] / count, device=self.device))
+                approx_kl = self._global_mean(sums["policy/approx_kl"] / count)
                 if float(approx_kl) > loss_cfg.early_stop_kl:
                     early_stopped = True
                     break
-        out = {k: torch.tensor(v / count) for k, v in sums.items()}
+        out = {k: v / count for k, v in sums.items()}
         out["policy/early_stopped"] = torch.tensor(float(early_stopped))
         out["policy/optimizer_steps"] = torch.tensor(float(count))
         out["critic/explained_var"] = explained_variance(exp.old_values, exp.returns, exp.response_mask)

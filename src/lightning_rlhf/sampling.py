@@ -2,7 +2,8 @@
 
 One prefill of the prompt, then one token per step; the only host synchronisation is an early-exit
 check every `check_every` steps. Works with any Hugging Face causal LM whose `base_model` accepts
-`past_key_values` and `position_ids`.
+`past_key_values` and `position_ids` (`HFDecoder`); Llama-architecture models decode with
+`LlamaDecoder`, the same arithmetic without the module stack.
 
 `sample` can also return, for free, what a rollout would otherwise recompute with a second forward
 pass: the log-prob of each sampled token, the entropy of each step's distribution and (given the
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lightning_rlhf.models.policy import LlamaTrunk, position_ids_from_mask
+from torch import nn
+
+from lightning_rlhf.models.llama import LlamaTrunk, llama_hidden, position_ids_from_mask
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -33,24 +36,24 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_from_probs(probs: torch.Tensor) -> torch.Tensor:
-    """One index per row, drawn with probability proportional to `probs`. (B, V) >= 0 -> (B,) long.
+def draw_uniforms(shape, device=None) -> torch.Tensor:
+    """Uniform numbers in (0, 1] (never 0), for `sample_next_token`."""
+    return torch.rand(shape, device=device).neg_().add_(1.0)
 
-    Inverse CDF: one uniform per row and a binary search in the cumulative sum (torch.multinomial
-    costs several times more on CPU for small batches). u * total stays strictly below the total, so
-    a zero-probability token (an empty interval of the cumulative sum) is never drawn.
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                      u: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row from softmax(filter(logits / temperature)). (B, V) -> (B,) long.
+
+    Inverse CDF: one uniform u in (0, 1] per row, drawn ahead for many steps at once (`u` (B, 1) from
+    `draw_uniforms`), and the first token whose cumulative probability reaches u * total. A
+    zero-probability token never does: u * total > 0, and such a token repeats the sum before it. It
+    draws B random numbers a step, where Gumbel-max needs B x V (CPU random numbers are slow: ~5 ns).
     """
-    cdf = probs.float().cumsum(dim=-1)
-    total = cdf[:, -1:]
-    u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device) * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
-
-
-def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """One token per row from softmax(filter(logits / temperature)). (B, V) -> (B,) long."""
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    return sample_from_probs(torch.softmax(logits, dim=-1))
+    z = logits.float() if temperature == 1.0 else logits.float() / temperature
+    cdf = torch.softmax(filter_logits(z, top_k, top_p), dim=-1).cumsum_(-1)
+    u = draw_uniforms((z.shape[0], 1), z.device) if u is None else u
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)  # u * total <= total: never past the end
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -59,73 +62,120 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int) -> torch.Ten
     return (is_eos.cumsum(-1) - is_eos) == 0
 
 
-class LlamaDecoder:
-    """The decode step of a Llama-architecture model without the Hugging Face module stack.
+class HFDecoder:
+    """The decode loop's model calls through Hugging Face with its KV cache: any causal LM whose
+    `base_model` takes `past_key_values` and `position_ids`."""
 
-    Same weights and the same arithmetic as `LlamaModel.forward` on one new token with a KV cache
-    (the prefill still goes through Hugging Face), written with `models.policy.LlamaTrunk`'s pieces.
-    What it drops is the per-step Python: mask building, cache objects, output classes and ~25
-    `nn.Module` calls (~9 us each on CPU, about twice the small matmul inside). On small models
-    decoding is bound by that overhead, not by arithmetic. `build` returns None for the models that
-    LlamaTrunk does not cover, and the sampler then uses the Hugging Face forward.
+    def __init__(self, lm):
+        self.lm = lm
+
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Left-padded prompts (B, P) -> last hidden state (B, H) after the final norm."""
+        self.attn = prompt_mask.long()
+        positions = position_ids_from_mask(self.attn)
+        out = self.lm.base_model(input_ids=prompt_ids, attention_mask=self.attn, position_ids=positions, use_cache=True)
+        self.past, self.next_pos = out.past_key_values, positions[:, -1:] + 1
+        return out.last_hidden_state[:, -1]
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """The next token (B,) long -> last hidden state (B, H)."""
+        self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], dim=1)
+        out = self.lm.base_model(input_ids=token[:, None], attention_mask=self.attn, position_ids=self.next_pos,
+                                 past_key_values=self.past, use_cache=True)
+        self.past, self.next_pos = out.past_key_values, self.next_pos + 1
+        return out.last_hidden_state[:, -1]
+
+
+class LlamaDecoder:
+    """Prefill and decode step of a Llama-architecture model without the Hugging Face module stack.
+
+    The weights do not change during a rollout, so each layer's projections are fused once per call
+    of `sample`: q, k, v and their RoPE partners rotate_half(q), rotate_half(k) in one matmul (the
+    rotation becomes `a * cos + b * sin`), gate and up in another, the output projections added onto
+    the residual with addmm. A decode step is then ~14 kernels a layer instead of ~30 Hugging Face
+    module calls: on small models decoding is bound by that overhead, not by arithmetic. The prefill
+    is `models.llama.llama_hidden`, which also fills the KV cache. Same arithmetic as `LlamaModel`
+    up to float rounding. `build` returns None for the models LlamaTrunk does not cover.
     """
 
-    def __init__(self, base, past, prompt_mask: torch.Tensor, first_position: torch.Tensor, max_new_tokens: int):
+    def __init__(self, lm):
+        base = self.base = lm.base_model
         cfg = base.config
-        self.base, self.layers = base, list(base.layers)
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        B, P = prompt_mask.shape
-        # cos, sin (steps, B, 1, D) of every position this call will decode
-        positions = first_position[None] + torch.arange(max_new_tokens, device=first_position.device)[:, None, None]
-        self.cos, self.sin = LlamaTrunk.rope(base.rotary_emb, positions, base.embed_tokens.weight.dtype)
-        self.prompt_len, self.pos = P, P  # self.pos: the cache index of the next token
-        self.mask = torch.ones(B, 1, 1, P + max_new_tokens, dtype=torch.bool, device=prompt_mask.device)
-        self.mask[:, 0, 0, :P] = prompt_mask.bool()
-        self.keys, self.values = [], []
-        for k, v in self.cached(past):
-            buf_k = k.new_empty(B, self.n_kv, P + max_new_tokens, self.head_dim)
-            buf_v = v.new_empty(B, self.n_kv, P + max_new_tokens, self.head_dim)
-            buf_k[:, :, :P], buf_v[:, :, :P] = k, v
-            self.keys.append(buf_k), self.values.append(buf_v)
+        d = self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        half = d // 2
+        nq, nk = self.n_heads * d, self.n_kv * d
 
-    @staticmethod
-    def cached(past) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if hasattr(past, "layers"):  # transformers >= 4.56
-            return [(layer.keys, layer.values) for layer in past.layers]
-        return list(zip(past.key_cache, past.value_cache))
+        def rotated(w: torch.Tensor, heads: int) -> torch.Tensor:  # rows of rotate_half(W x) = [-W2 x, W1 x] per head
+            w = w.reshape(heads, d, *w.shape[1:])
+            return torch.cat((-w[:, half:], w[:, :half]), dim=1).reshape(heads * d, *w.shape[2:])
+
+        self.layers = []
+        for layer in base.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+            w_qkv = torch.cat((q.weight, k.weight, rotated(q.weight, self.n_heads), rotated(k.weight, self.n_kv), v.weight))
+            b_qkv = None if q.bias is None else torch.cat(
+                (q.bias, k.bias, rotated(q.bias, self.n_heads), rotated(k.bias, self.n_kv), v.bias))
+            w_gu = torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight))
+            b_gu = None if mlp.gate_proj.bias is None else torch.cat((mlp.gate_proj.bias, mlp.up_proj.bias))
+            act = F.silu if isinstance(mlp.act_fn, nn.SiLU) else mlp.act_fn
+            self.layers.append((layer.input_layernorm, w_qkv, b_qkv, attn.o_proj.weight.T, attn.o_proj.bias,
+                                layer.post_attention_layernorm, w_gu, b_gu, act, mlp.down_proj.weight.T,
+                                mlp.down_proj.bias, attn.scaling))
+        self.split = (nq + nk, nq + nk, nk)  # [q, k] | [rot q, rot k] | v
 
     @staticmethod
     def supported(lm) -> bool:
         return LlamaTrunk.supported(lm)
 
     @classmethod
-    def build(cls, lm, past, prompt_mask, first_position, max_new_tokens):
-        if not cls.supported(lm):
-            return None
-        try:
-            return cls(lm.base_model, past, prompt_mask, first_position, max_new_tokens)
-        except (AttributeError, TypeError):  # a cache layout this class does not know
-            return None
+    def build(cls, lm):
+        return cls(lm) if cls.supported(lm) else None
+
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Left-padded prompts (B, P) -> last hidden state (B, H) after the final norm; fills the cache."""
+        B, P = prompt_ids.shape
+        kv = []
+        hidden = llama_hidden(self.base, prompt_ids, prompt_mask.long(), 1, kv_out=kv)[:, 0]
+        first = position_ids_from_mask(prompt_mask.long())[:, -1:] + 1
+        positions = first + torch.arange(max_new_tokens, device=first.device)  # (B, steps)
+        cos, sin = LlamaTrunk.rope(self.base.rotary_emb, positions, hidden.dtype)  # (B, steps, D)
+        heads = self.n_heads + self.n_kv  # one (B, [q, k] features) row of cos / sin per step
+        self.cos = cos.transpose(0, 1).repeat(1, 1, heads)  # (steps, B, (nh + nkv) * D)
+        self.sin = sin.transpose(0, 1).repeat(1, 1, heads)
+        self.mask = torch.ones(B, 1, 1, P + max_new_tokens, dtype=torch.bool, device=prompt_ids.device)
+        self.mask[:, 0, 0, :P] = prompt_mask.bool()
+        self.prompt_len = self.pos = P  # self.pos: the cache index of the next token
+        self.keys, self.values = [], []
+        for k, v in kv:
+            buf_k = k.new_empty(B, self.n_kv, P + max_new_tokens, self.head_dim)
+            buf_v = v.new_empty(B, self.n_kv, P + max_new_tokens, self.head_dim)
+            buf_k[:, :, :P], buf_v[:, :, :P] = k, v
+            self.keys.append(buf_k), self.values.append(buf_v)
+        return hidden
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """The next token (B,) long -> last hidden state (B, H) after the final norm."""
         B, i = token.shape[0], self.pos
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        nq = nh * d
         x = F.embedding(token, self.base.embed_tokens.weight)  # (B, H)
         cos, sin = self.cos[i - self.prompt_len], self.sin[i - self.prompt_len]
         mask = self.mask[..., : i + 1]
-        for layer, keys, values in zip(self.layers, self.keys, self.values):
-            attn = layer.self_attn
-            h = LlamaTrunk.rms_norm(x, layer.input_layernorm)
-            q = LlamaTrunk.rotate(F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, nh, d), cos, sin)
-            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B, nkv, d)
-            keys[:, :, i] = LlamaTrunk.rotate(k, cos, sin)
-            values[:, :, i] = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B, nkv, d)
-            o = F.scaled_dot_product_attention(q[:, :, None], keys[:, :, : i + 1], values[:, :, : i + 1],
-                                               attn_mask=mask, scale=attn.scaling, enable_gqa=nh != nkv)
-            x = x + F.linear(o.reshape(B, nh * d), attn.o_proj.weight, attn.o_proj.bias)
-            x = x + LlamaTrunk.mlp(layer, LlamaTrunk.rms_norm(x, layer.post_attention_layernorm))
+        for (ln1, w_qkv, b_qkv, wo_t, bo, ln2, w_gu, b_gu, act, wd_t, bd, scaling), keys, values in zip(
+                self.layers, self.keys, self.values):
+            h = F.rms_norm(x, ln1.weight.shape, ln1.weight, ln1.variance_epsilon)
+            qk, qk_rot, v = F.linear(h, w_qkv, b_qkv).split(self.split, dim=-1)
+            qk = torch.addcmul(qk * cos, qk_rot, sin)  # RoPE on q and k at once
+            keys[:, :, i] = qk[:, nq:].view(B, nkv, d)
+            values[:, :, i] = v.view(B, nkv, d)
+            o = F.scaled_dot_product_attention(qk[:, :nq].view(B, nh, 1, d), keys[:, :, : i + 1], values[:, :, : i + 1],
+                                               attn_mask=mask, scale=scaling, enable_gqa=nh != nkv)
+            x = torch.addmm(x, o.view(B, nq), wo_t) if bo is None else torch.addmm(x + bo, o.view(B, nq), wo_t)
+            g, u = F.linear(F.rms_norm(x, ln2.weight.shape, ln2.weight, ln2.variance_epsilon), w_gu, b_gu).chunk(2, -1)
+            a = act(g) * u
+            x = torch.addmm(x, a, wd_t) if bd is None else torch.addmm(x + bd, a, wd_t)
         self.pos += 1
         return LlamaTrunk.rms_norm(x, self.base.norm)
 
@@ -138,6 +188,13 @@ class Samples:
     logprobs: torch.Tensor | None = None  # (B, T) fp32, log pi(token) at the temperature, before top-k/p
     entropy: torch.Tensor | None = None  # (B, T) fp32, entropy of softmax(logits / temperature)
     values: torch.Tensor | None = None  # (B, T) fp32, value_head(state before the token)
+
+
+def _step_statistics(z: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of the drawn tokens and entropy of softmax(z). z (B, k, V), tokens (B, k) -> (B, k), (B, k)."""
+    logp = torch.log_softmax(z, dim=-1)
+    entropy = (logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1).neg_()  # 0 * log 0 = 0
+    return logp.gather(-1, tokens[..., None]).squeeze(-1), entropy
 
 
 @torch.no_grad()
@@ -160,51 +217,41 @@ def sample(
 
     with_logprobs: also the log-prob and entropy of every step (from the logits the step computes);
     value_head: also the values (value_head applied to the step's last hidden state).
-    use_fast_decoder: decode Llama-architecture models with `LlamaDecoder` (same numbers, less overhead).
+    use_fast_decoder: decode Llama-architecture models with `LlamaDecoder` (same numbers up to rounding).
+    Per step: the model call and an inverse-CDF draw (uniforms drawn `check_every` steps at a time);
+    the statistics are computed for blocks of `check_every` steps at once, when the loop checks
+    whether every row is done (its only host synchronisation).
     """
-    attn = prompt_mask.long()
-    positions = position_ids_from_mask(attn)
+    decoder = (LlamaDecoder.build(lm) if use_fast_decoder else None) or HFDecoder(lm)
+    hidden = decoder.prefill(prompt_ids, prompt_mask, max_new_tokens)
     head = lm.get_output_embeddings()
-    out = lm.base_model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions, use_cache=True)
-    past, hidden = out.past_key_values, out.last_hidden_state[:, -1]
-    next_pos = positions[:, -1:] + 1
-    fast = LlamaDecoder.build(lm, past, prompt_mask, next_pos, max_new_tokens) if use_fast_decoder else None
-    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-    filtered = top_k > 0 or top_p < 1.0
-    tokens, logprobs, entropies, values = [], [], [], []
+    B = prompt_ids.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    tokens, drawn, logits, hiddens, logprobs, entropies = [], [], [], [], [], []
     for step in range(max_new_tokens):
         z = head(hidden).float()  # (B, V)
         if temperature != 1.0:
             z = z / temperature
-        if with_logprobs or value_head is not None:
-            logp = torch.log_softmax(z, dim=-1)
-            probs = logp.exp()
-            if with_logprobs:
-                entropies.append(-(probs * torch.where(probs > 0, logp, torch.zeros_like(logp))).sum(-1))
-            if value_head is not None:
-                values.append(value_head(hidden).squeeze(-1).float())
-            if filtered:
-                probs = torch.softmax(filter_logits(z, top_k, top_p), dim=-1)
-            token = sample_from_probs(probs)
-            if with_logprobs:
-                logprobs.append(logp.gather(-1, token[:, None]).squeeze(-1))
-        else:
-            token = sample_from_probs(torch.softmax(filter_logits(z, top_k, top_p), dim=-1))
-        token = token.masked_fill(done, pad_id)
-        tokens.append(token)
+        if step % check_every == 0:
+            uniforms = draw_uniforms((check_every, B, 1), z.device)
+        token = sample_next_token(z, 1.0, top_k, top_p, uniforms[step % check_every])
+        if with_logprobs:
+            logits.append(z), drawn.append(token)
+        if value_head is not None:
+            hiddens.append(hidden)
+        tokens.append(token.masked_fill(done, pad_id))
         done = done | (token == eos_id)
-        if step == max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(done.all())):
+        block_end = step == max_new_tokens - 1 or (step + 1) % check_every == 0
+        if with_logprobs and block_end:  # the block's statistics in one batch: (B, V) kept for <= check_every steps
+            lp, ent = _step_statistics(torch.stack(logits, 1), torch.stack(drawn, 1))
+            logprobs.append(lp), entropies.append(ent)
+            logits, drawn = [], []
+        if step == max_new_tokens - 1 or (block_end and bool(done.all())):
             break
-        if fast is not None:
-            hidden = fast.step(token)
-        else:
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            out = lm.base_model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos,
-                                past_key_values=past, use_cache=True)
-            past, hidden = out.past_key_values, out.last_hidden_state[:, -1]
-        next_pos = next_pos + 1
-    stack = lambda xs: torch.stack(xs, dim=1) if xs else None
-    return Samples(torch.stack(tokens, dim=1), stack(logprobs), stack(entropies), stack(values))
+        hidden = decoder.step(tokens[-1])
+    values = value_head(torch.stack(hiddens, 1)).squeeze(-1).float() if value_head is not None else None
+    return Samples(torch.stack(tokens, dim=1), torch.cat(logprobs, 1) if with_logprobs else None,
+                   torch.cat(entropies, 1) if with_logprobs else None, values)
 
 
 def generate(

@@ -77,8 +77,9 @@ def test_frozen_models_and_generation_under_each_strategy(phase, two_processes):
         assert r0["first_bucket_reductions"] == r0["optimizer_steps"]
     # ZeRO-3 partitions the reward model in its own engine; elsewhere it is an ordinary replica
     assert r0["frozen_sharded"] is (phase == "zero3")
-    # no rollout forward of the policy ran on partitioned parameters (ZeRO-3 gathers once per rollout)
-    assert r0["no_grad_calls"] >= 1
+    # no rollout forward of the policy ran on partitioned parameters (ZeRO-3 gathers once per rollout).
+    # Hugging Face forwards are counted: ZeRO-3 shards take that path; elsewhere the Llama fast paths run
+    assert r0["no_grad_calls"] >= 1 or phase != "zero3"
     assert r0["no_grad_calls_partitioned"] == 0
 
 

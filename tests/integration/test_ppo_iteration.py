@@ -80,3 +80,38 @@ def test_checkpoint_state_excludes_frozen_models(tmp_path, tokenizer, tiny_lm):
     module.on_load_checkpoint(ckpt)
     assert module.kl_ctl.value == 0.123
     L.seed_everything(0)
+
+
+def test_metrics_reach_loggers_callbacks_progress_bar_and_csv(tmp_path, tokenizer, tiny_lm):
+    """One pass of publish_metrics does what log_dict(on_step=True) did: loggers every log_every
+    iterations at Lightning's step, callback metrics every iteration, the progress bar, metrics.csv."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_rlhf.models.reward import FunctionReward
+    from lightning_rlhf.stages.common import read_csv
+
+    cfg = tiny_run_config(trainer={"log_every": 2, "ppo": {"iterations": 5, "epochs": 1}})
+    module = PPOModule(PolicyWithValueHead(tiny_lm), frozen_copy(tiny_lm),
+                       FunctionReward(lambda prompts, responses: [len(r) / 10 for r in responses]), tokenizer, cfg)
+    prompts = encode_prompts(tokenizer, generate_prompts(64, seed=0), cfg.data.max_prompt_len)
+    loader = DataLoader(PromptBatches(prompts, 8, 5, tokenizer.pad_token_id), batch_size=None)
+    seen = []
+
+    class Watch(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((float(trainer.callback_metrics["objective/score"]), dict(trainer.progress_bar_metrics)))
+
+    trainer = build_trainer(cfg, tmp_path, "ppo", max_epochs=1, callbacks=[Watch()])
+    trainer.loggers = [CSVLogger(tmp_path, name="csv")]
+    trainer.fit(module, loader)
+
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["objective/score"] for r in rows] == [score for score, _ in seen]
+    assert all(set(REQUIRED) <= set(r) and all(math.isfinite(v) for v in r.values()) for r in rows)
+    assert all(set(bar) >= {"score", "kl"} and bar["score"] == score for score, bar in seen)
+    logged = read_csv(next((tmp_path / "csv").rglob("metrics.csv")))
+    assert [r["step"] for r in logged] == [1, 3]  # Lightning's rule: (batches done + 1) % log_every == 0
+    assert [r["objective/score"] for r in logged] == [rows[i]["objective/score"] for i in (1, 3)]
+    assert all(r["epoch"] == 0 for r in logged)
+    assert float(trainer.logged_metrics["objective/score"]) == rows[3]["objective/score"]

@@ -4,6 +4,8 @@ forward pass, inverse-CDF sampling, and the update's optional entropy."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -12,7 +14,7 @@ from lightning_rlhf.data.prompts import left_pad
 from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy
 from lightning_rlhf.models.reward import FunctionReward, ScoreProcessor, Sequences
 from lightning_rlhf.rollout import forward_logprobs, make_experience
-from lightning_rlhf.sampling import LlamaDecoder, sample, sample_from_probs
+from lightning_rlhf.sampling import LlamaDecoder, draw_uniforms, sample, sample_next_token
 from lightning_rlhf.update import ppo_loss
 from tests.conftest import tiny_run_config
 
@@ -127,22 +129,24 @@ def test_entropy_only_when_its_coefficient_is_on(tokenizer):
     assert float(loss_on.detach()) == pytest.approx(float(loss_off.detach()) - 0.5 * entropy, abs=1e-6)
 
 
-def test_inverse_cdf_sampling_never_draws_zero_probability_tokens():
+def test_inverse_cdf_draws_follow_the_softmax_and_never_a_zero_probability_token():
     torch.manual_seed(0)
-    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0],
-                          [0.2, 0.2, 0.2, 0.2, 0.0]]).repeat(3000, 1)
-    tokens = sample_from_probs(probs).view(3000, 4)
+    n = 4000
+    logits = torch.log(torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0],
+                                     [0.1, 0.2, 0.3, 0.4, 0.0]])).repeat(n, 1)  # log 0 = -inf
+    u = draw_uniforms((4 * n, 1))
+    assert (u > 0).all() and (u <= 1).all()
+    u[:8] = torch.tensor([1.0, 1.0, 1.0, 1.0, 1e-30, 1e-30, 1e-30, 1e-30])[:, None]  # both ends of (0, 1]
+    tokens = sample_next_token(logits, 1.0, u=u).view(n, 4)
     assert set(tokens[:, 0].tolist()) == {1, 3}
     assert set(tokens[:, 1].tolist()) == {4}
     assert set(tokens[:, 2].tolist()) == {0}
     assert set(tokens[:, 3].tolist()) == {0, 1, 2, 3}
-    # frequencies: 3000 draws of 0.5 -> within 5 standard deviations
-    assert abs((tokens[:, 0] == 1).float().mean().item() - 0.5) < 5 * (0.25 / 3000) ** 0.5
-    # unnormalised weights are fine
-    torch.manual_seed(0)
-    w = torch.tensor([[1.0, 3.0]]).repeat(4000, 1)
-    frac = (sample_from_probs(w) == 1).float().mean().item()
-    assert abs(frac - 0.75) < 5 * (0.75 * 0.25 / 4000) ** 0.5
+    for token, p in enumerate([0.1, 0.2, 0.3, 0.4]):  # frequencies within 5 standard deviations
+        assert abs((tokens[:, 3] == token).float().mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5
+    # unnormalised logits and a temperature: softmax([0, log 3] / 0.5) = [0.1, 0.9]
+    frac = (sample_next_token(torch.tensor([[0.0, math.log(3.0)]]).repeat(n, 1), 0.5) == 1).float().mean().item()
+    assert abs(frac - 0.9) < 5 * (0.9 * 0.1 / n) ** 0.5
 
 
 def test_logprobs_one_pass_backward_equals_autograd():

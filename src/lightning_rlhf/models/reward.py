@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from lightning_rlhf.models.llama import fused_applies, llama_hidden
 from lightning_rlhf.models.policy import disable_dropout, position_ids_from_mask
 
 
@@ -28,7 +29,12 @@ def classifier_scores(model: nn.Module, input_ids: torch.Tensor, mask: torch.Ten
     Differentiable (used to train reward models too).
     """
     ids, m = pack_left(input_ids, mask.bool(), pad_id)
-    logits = model(input_ids=ids, attention_mask=m.long(), position_ids=position_ids_from_mask(m)).logits
+    m = m.long()
+    if type(model).__name__ == "LlamaForSequenceClassification" and fused_applies(model, *ids.shape,
+                                                                                  torch.is_grad_enabled()):
+        # the last column is every row's last valid token: the last layer runs for it alone
+        return model.score(llama_hidden(model.base_model, ids, m, 1)[:, 0])[:, 0].float()
+    logits = model(input_ids=ids, attention_mask=m, position_ids=position_ids_from_mask(m)).logits
     return logits[:, 0].float()
 
 

@@ -1,0 +1,173 @@
+"""The fused Llama layers (one autograd node, hand-written backward) against Hugging Face's forward and
+autograd's gradients, with left padding, GQA, biases, a scaled RoPE and the last layer cut to n_last."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_rlhf.data.prompts import left_pad
+from lightning_rlhf.models import llama
+from lightning_rlhf.models.policy import PolicyWithValueHead, position_ids_from_mask, trunk_hidden_states
+
+ROWS = [[2, 10, 11, 12, 13, 14], [2, 15], [2, 16, 17, 18]]
+VARIANTS = [{}, {"num_key_value_heads": 2, "attention_bias": True, "mlp_bias": True, "num_hidden_layers": 3,
+                 "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}},
+            {"head_dim": 16, "rms_norm_eps": 1e-5}]
+IDS = ["llama", "gqa-bias-3layers-linear-rope", "head_dim-eps"]
+
+
+def _llama(tokenizer, **kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    lm = LlamaForCausalLM(LlamaConfig(**{**cfg, **kw}))
+    with torch.no_grad():  # non-trivial norms and biases: their gradients must be right too
+        for name, p in lm.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return lm
+
+
+def _batch(tokenizer, n_response=5):
+    ids, mask = left_pad(ROWS, tokenizer.pad_token_id)
+    torch.manual_seed(1)
+    ids = torch.cat([ids, torch.randint(3, 300, (3, n_response))], 1)
+    mask = torch.cat([mask, torch.ones(3, n_response, dtype=torch.bool)], 1).long()
+    return ids, mask
+
+
+def _hf_hidden(lm, ids, mask):
+    return lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("n_last", [None, 4])
+def test_fused_layers_equal_hugging_face_forward_and_gradients(tokenizer, kw, n_last):
+    lm = _llama(tokenizer, **kw).train()
+    ids, mask = _batch(tokenizer)
+    assert llama.fused_applies(lm, *ids.shape, grad=True)
+    L = ids.shape[1]
+    keep = n_last or L
+    valid = mask.bool()[:, L - keep:]
+    weight = torch.randn(3, keep, lm.config.hidden_size)  # a loss that sees every hidden unit differently
+    grads, outs = [], []
+    for fused in (False, True):
+        lm.zero_grad()
+        hidden = (llama.llama_hidden(lm.base_model, ids, mask, n_last) if fused
+                  else _hf_hidden(lm, ids, mask)[:, L - keep:])
+        assert hidden.shape == (3, keep, lm.config.hidden_size)
+        (hidden * weight)[valid].sum().backward()
+        outs.append(hidden.detach()[valid])
+        grads.append({n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-6, rtol=1e-5)
+    assert grads[1].keys() == grads[0].keys()
+    assert len(grads[0]) == len(list(lm.base_model.parameters()))  # every trunk parameter gets a gradient
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_fused_layers_padding_gets_finite_values_and_no_gradient_leak(tokenizer):
+    lm = _llama(tokenizer).train()
+    ids, mask = _batch(tokenizer)
+    hidden = llama.llama_hidden(lm.base_model, ids, mask)
+    assert torch.isfinite(hidden).all()
+    # a loss on the valid positions only: the padded rows' garbage must not change any gradient
+    (hidden[mask.bool()] ** 2).sum().backward()
+    g1 = {n: p.grad.clone() for n, p in lm.base_model.named_parameters()}
+    lm.zero_grad()
+    garbage = ids.masked_fill(~mask.bool(), 7)
+    hidden = llama.llama_hidden(lm.base_model, garbage, mask)
+    (hidden[mask.bool()] ** 2).sum().backward()
+    for n, p in lm.base_model.named_parameters():
+        if n != "embed_tokens.weight":  # the garbage token's embedding row differs by design
+            torch.testing.assert_close(p.grad, g1[n], msg=n)
+        assert torch.isfinite(p.grad).all()
+
+
+def test_fused_inference_keys_and_values_match_hugging_face_cache(tokenizer):
+    lm = _llama(tokenizer, num_key_value_heads=2).eval()
+    ids, mask = _batch(tokenizer)
+    kv = []
+    with torch.no_grad():
+        last = llama.llama_hidden(lm.base_model, ids, mask, 1, kv_out=kv)
+        out = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                            use_cache=True)
+    torch.testing.assert_close(last[:, 0], out.last_hidden_state[:, -1], atol=2e-6, rtol=1e-5)
+    cached = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    valid = mask.bool()[:, None, :, None].expand_as(cached[0][0])
+    assert len(kv) == len(cached)
+    for (k, v), (hk, hv) in zip(kv, cached):
+        torch.testing.assert_close(k[valid], hk[valid], atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(v[valid], hv[valid], atol=2e-6, rtol=1e-5)
+
+
+def test_policy_forward_takes_the_fused_path_and_equals_the_autograd_one(tokenizer, monkeypatch):
+    lm = _llama(tokenizer)
+    policy = PolicyWithValueHead(lm).train()
+    torch.nn.init.normal_(policy.value_head.weight)
+    ids, mask = _batch(tokenizer)
+    calls = []
+    fused = llama.llama_hidden
+    monkeypatch.setattr("lightning_rlhf.models.policy.llama_hidden", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    results = []
+    for budget in (llama.SAVED_ATTENTION_BYTES, 0):  # a zero budget sends training to LlamaTrunk (autograd)
+        monkeypatch.setattr(llama, "SAVED_ATTENTION_BYTES", budget)
+        policy.zero_grad()
+        logits, values = policy(ids, mask, 5)
+        (logits.logsumexp(-1).sum() + values.sum()).backward()
+        results.append((logits.detach(), values.detach(), [p.grad.clone() for p in policy.parameters()]))
+    assert calls == [1]
+    torch.testing.assert_close(results[0][0], results[1][0], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=2e-6, rtol=1e-5)
+    for a, b in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_fused_path_is_skipped_for_low_precision_and_large_attention(tokenizer):
+    lm = _llama(tokenizer)
+    assert llama.fused_applies(lm, 8, 64, grad=True)
+    assert not llama.fused_applies(lm, 4096, 4096, grad=True)  # probabilities over the budget
+    assert llama.fused_applies(lm, 4096, 4096, grad=False)  # nothing is kept without grad
+    assert not llama.fused_applies(lm.to(torch.bfloat16), 8, 64, grad=False)
+    gc = _llama(tokenizer).train()
+    gc.activation_checkpointing_enable()
+    assert not llama.fused_applies(gc, 8, 64, grad=True)
+
+
+def test_trunk_hidden_states_n_last_is_the_tail_of_the_full_output(tokenizer):
+    lm = _llama(tokenizer).eval()
+    ids, mask = _batch(tokenizer)
+    with torch.no_grad():
+        full = trunk_hidden_states(lm, ids, mask)
+        tail = trunk_hidden_states(lm, ids, mask, 3)
+    torch.testing.assert_close(tail, full[:, -3:], atol=2e-6, rtol=1e-5)
+
+
+def test_reward_scores_take_the_fused_path_and_equal_hugging_face(tokenizer, monkeypatch):
+    from transformers import LlamaForSequenceClassification
+
+    from lightning_rlhf.models import reward as reward_module
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    rm = LlamaForSequenceClassification(cfg)
+    ids, mask = left_pad(ROWS, tokenizer.pad_token_id)  # prompts left padded, responses right padded: holes
+    ids = torch.cat([ids, torch.tensor([[40, 41, 0], [42, 0, 0], [43, 44, 45]])], 1)
+    mask = torch.cat([mask, torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)], 1)
+    scores, grads, calls = [], [], []
+    monkeypatch.setattr(reward_module, "llama_hidden", lambda *a: calls.append(1) or llama.llama_hidden(*a))
+    for budget in (llama.SAVED_ATTENTION_BYTES, -1):  # -1: no fused path, Hugging Face's forward
+        monkeypatch.setattr(reward_module, "fused_applies", lambda *a, b=budget: b > 0 and llama.fused_applies(*a))
+        rm.zero_grad()
+        s = reward_module.classifier_scores(rm, ids, mask, tokenizer.pad_token_id)
+        (s * torch.tensor([1.0, -2.0, 3.0])).sum().backward()  # reward-model training differentiates it
+        scores.append(s.detach())
+        grads.append([p.grad.clone() for p in rm.parameters()])
+    assert calls == [1]
+    torch.testing.assert_close(scores[0], scores[1], atol=2e-6, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
