@@ -127,6 +127,73 @@ def value_loss(
     return loss, stats
 
 
+class _ClippedPPOLoss(torch.autograd.Function):
+    """policy_loss + vf_coef * value_loss in one autograd node: the gradients are written out.
+
+    d/d logprobs = pg1 / n where the unclipped term is taken (pg1 = -A * ratio), else 0;
+    d/d values = (V - R) / n, or (V_clipped - R) / n where the clipped error is the larger and the clip
+    is inactive (0 where it clips). Ties fall where autograd's maximum puts them (inside the clip
+    range both terms are equal and have equal gradients). ~25 kernels on (B, T) and no graph, where
+    the two losses through autograd take ~45 forward and ~35 backward nodes.
+    """
+
+    @staticmethod
+    def forward(ctx, logprobs, values, old_logprobs, advantages, old_values, returns, mask, clip_eps, value_clip_eps,
+                vf_coef):
+        zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+        n = mask.sum().clamp(min=1).to(logprobs.dtype)
+        log_ratio = torch.where(mask, logprobs - old_logprobs, zero)  # padding garbage stops here
+        ratio = log_ratio.exp()
+        adv = torch.where(mask, advantages, zero)
+        pg_loss1 = -adv * ratio
+        pg_loss2 = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+        pg_clipped = pg_loss2 > pg_loss1
+        v, v_old, ret = (torch.where(mask, t, zero) for t in (values, old_values, returns))
+        dv = v - v_old
+        v_clipped = v_old + dv.clamp(-value_clip_eps, value_clip_eps)
+        err, err_clipped = v - ret, v_clipped - ret
+        v_loss_unclipped, v_loss_clipped = err.square(), err_clipped.square()
+        vf_clipped = v_loss_clipped > v_loss_unclipped
+        pg_loss = torch.maximum(pg_loss1, pg_loss2).sum() / n
+        vf_loss = 0.5 * torch.maximum(v_loss_unclipped, v_loss_clipped).sum() / n
+        grad_v = torch.where(vf_clipped, err_clipped * (dv.abs() <= value_clip_eps), err)
+        ctx.save_for_backward(torch.where(pg_clipped, zero, pg_loss1) / n, grad_v * (vf_coef / n))
+        stats = torch.stack([
+            pg_loss, vf_loss, pg_clipped.sum() / n, (torch.expm1(log_ratio) - log_ratio).sum() / n,
+            torch.where(mask, ratio, zero).sum() / n, vf_clipped.sum() / n,
+        ])
+        ctx.mark_non_differentiable(stats)
+        return pg_loss + vf_coef * vf_loss, stats
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        grad_logprobs, grad_values = ctx.saved_tensors
+        return grad_logprobs * grad, grad_values * grad, None, None, None, None, None, None, None, None
+
+
+def clipped_ppo_loss(
+    logprobs: torch.Tensor,
+    values: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    value_clip_eps: float,
+    vf_coef: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """policy_loss + vf_coef * value_loss, both token-level masked means, as one fused op. All (B, T).
+
+    -> loss, stats: policy_loss, value_loss, clipfrac, approx_kl, ratio (as `policy_loss`) and
+    value_clipfrac (as `value_loss`'s clipfrac); the same numbers and gradients as the two functions.
+    """
+    loss, s = _ClippedPPOLoss.apply(logprobs, values.to(logprobs.dtype), old_logprobs, advantages, old_values, returns,
+                                    mask.bool(), clip_eps, value_clip_eps, vf_coef)
+    names = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio", "value_clipfrac")
+    return loss, dict(zip(names, s.unbind()))
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var[R - V] / Var[R] over valid tokens. (B, T), (B, T) -> scalar (nan-free: 0 if Var[R] = 0)."""
     var_r = masked_var(returns, mask)

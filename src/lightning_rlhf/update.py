@@ -7,12 +7,13 @@ import torch
 from lightning_rlhf.advantages import masked_mean
 from lightning_rlhf.config import LossConfig
 from lightning_rlhf.experience import Experience
-from lightning_rlhf.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from lightning_rlhf.losses import clipped_ppo_loss, entropy_from_logits, logprobs_from_logits
 
 
 def ppo_loss(policy, exp: Experience, loss_cfg: LossConfig, temperature: float) -> tuple[torch.Tensor, dict]:
     """L = L_policy + c1 * L_value - c2 * entropy on one (trimmed) micro-batch.
 
+    L_policy + c1 * L_value is `losses.clipped_ppo_loss`, the fused form of `policy_loss` and `value_loss`.
     Each term is a token-level masked mean over this micro-batch; the caller weights micro-batches
     by their share of the minibatch's valid tokens so that accumulation equals the full-batch loss.
     The (B, T, V) entropy is computed (and reported as loss/entropy) only when its coefficient is on:
@@ -26,20 +27,19 @@ def ppo_loss(policy, exp: Experience, loss_cfg: LossConfig, temperature: float) 
     if temperature != 1.0:  # a (B, T, V) op forward and backward: skip it when it is the identity
         logits = logits / temperature
     logprobs = logprobs_from_logits(logits, exp.response_ids)
-    pg_loss, pg_stats = policy_loss(logprobs, exp.old_logprobs, exp.advantages, mask, loss_cfg.clip_eps)
-    vf_loss, vf_stats = value_loss(values, exp.old_values, exp.returns, mask, loss_cfg.value_clip_eps)
-    loss = pg_loss + loss_cfg.vf_coef * vf_loss
+    loss, s = clipped_ppo_loss(logprobs, values, exp.old_logprobs, exp.advantages, exp.old_values, exp.returns, mask,
+                               loss_cfg.clip_eps, loss_cfg.value_clip_eps, loss_cfg.vf_coef)
     stats = {}
     if loss_cfg.entropy_coef > 0:
         entropy = masked_mean(entropy_from_logits(logits), mask)
         loss = loss - loss_cfg.entropy_coef * entropy
         stats["loss/entropy"] = entropy.detach()
     stats |= {
-        "policy/loss": pg_loss.detach(),
-        "policy/approx_kl": pg_stats["approx_kl"],
-        "policy/clipfrac": pg_stats["clipfrac"],
-        "critic/loss": vf_loss.detach(),
-        "critic/clipfrac": vf_stats["clipfrac"],
+        "policy/loss": s["policy_loss"],
+        "policy/approx_kl": s["approx_kl"],
+        "policy/clipfrac": s["clipfrac"],
+        "critic/loss": s["value_loss"],
+        "critic/clipfrac": s["value_clipfrac"],
         "loss/total": loss.detach(),
     }
     return loss, stats

@@ -172,11 +172,11 @@ def spec_of(base, n_last: int) -> Spec:
 
 
 def rope_tables(rotary, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, signed sin (B, 1, L, D) such that rope(x) = x * cos + roll(x, D/2) * sin."""
+    """cos, signed sin (B, L, 1, D) such that rope(x) = x * cos + roll(x, D/2) * sin for x (B, L, heads, D)."""
     cos, sin = LlamaTrunk.rope(rotary, positions, dtype)
     half = sin.shape[-1] // 2
     sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # rotate_half(x) * sin == roll(x) * this
-    return cos[:, None], sin[:, None]
+    return cos[:, :, None], sin[:, :, None]
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -219,7 +219,7 @@ def _linear_backward(dy, x, w, need_w: bool, need_b: bool, dx=None):
 def layers_forward(x, cos, sin, mask_bias, spec: Spec, weights, saved: list | None = None, kv_out: list | None = None):
     """All decoder layers. x (B, L, H) embeddings -> (B, n_last, H) before the final norm.
 
-    cos, sin (B, 1, L, D) from `rope_tables`; mask_bias (B, 1, L, L) 0 / -inf. `saved` collects what
+    cos, sin (B, L, 1, D) from `rope_tables`; mask_bias (B, 1, L, L) 0 / -inf. `saved` collects what
     the backward needs; `kv_out` collects each layer's rotated keys and values (B, n_kv, L, D).
     """
     B, L, _ = x.shape
@@ -231,15 +231,11 @@ def layers_forward(x, cos, sin, mask_bias, spec: Spec, weights, saved: list | No
         Lq = spec.n_last if li == spec.n_layers - 1 else L
         h1, r1 = rms_norm(x, ln1, spec.eps[2 * li]) if saved is not None else (
             F.rms_norm(x, ln1.shape, ln1, spec.eps[2 * li]), None)
-        if Lq == L:
-            qkv = F.linear(h1, torch.cat((wq, wk, wv)), _cat((bq, bk, bv)))
-            q, k, v = qkv.split((nh * d, nkv * d, nkv * d), dim=-1)
-        else:
-            kv = F.linear(h1, torch.cat((wk, wv)), _cat((bk, bv)))
-            k, v = kv.split((nkv * d, nkv * d), dim=-1)
-            q = F.linear(h1[:, L - Lq:], wq, bq)
-        q = rope(q.view(B, Lq, nh, d).transpose(1, 2), cos_q[:, :, L - Lq:], sin_q[:, :, L - Lq:])
-        k = rope(k.view(B, L, nkv, d).transpose(1, 2), cos, sin)  # (B, nkv, L, d)
+        # separate projections: contiguous outputs keep the elementwise kernels below on their fast path
+        q = F.linear(h1 if Lq == L else h1[:, L - Lq:], wq, bq)
+        k, v = F.linear(h1, wk, bk), F.linear(h1, wv, bv)
+        q = rope(q.view(B, Lq, nh, d), cos_q[:, L - Lq:], sin_q[:, L - Lq:]).transpose(1, 2)  # (B, nh, Lq, d)
+        k = rope(k.view(B, L, nkv, d), cos, sin).transpose(1, 2)  # (B, nkv, L, d)
         v = v.view(B, L, nkv, d).transpose(1, 2)
         if kv_out is not None:
             kv_out.append((k, v))
@@ -250,13 +246,16 @@ def layers_forward(x, cos, sin, mask_bias, spec: Spec, weights, saved: list | No
         x2 = x[:, L - Lq:] + F.linear(o, wo, bo)
         h2, r2 = rms_norm(x2, ln2, spec.eps[2 * li + 1]) if saved is not None else (
             F.rms_norm(x2, ln2.shape, ln2, spec.eps[2 * li + 1]), None)
-        gu = F.linear(h2, torch.cat((wg, wu)), _cat((bg, bu)))
-        g, u = gu.chunk(2, dim=-1)
-        sg = F.silu(g)
+        g, u = F.linear(h2, wg, bg), F.linear(h2, wu, bu)
+        if saved is None:
+            sg = F.silu(g)
+        else:  # keep sigmoid(g): the backward's silu' = s + silu (1 - s) then costs three multiplies and adds
+            s = torch.sigmoid(g)
+            sg = g * s
         a = sg * u
         x = x2 + F.linear(a, wd, bd)
         if saved is not None:
-            saved.append((x_in, r1, h1, q, k, v, p, o, x2, r2, h2, g, u, sg, a))
+            saved.append((x_in, r1, h1, q, k, v, p, o, x2, r2, h2, s, u, sg, a))
     return x
 
 
@@ -284,13 +283,13 @@ class _LlamaLayers(torch.autograd.Function):
             w = weights[li * PER_LAYER:(li + 1) * PER_LAYER]
             nd = need[li * PER_LAYER:(li + 1) * PER_LAYER]
             ln1, wq, bq, wk, bk, wv, bv, wo, bo, ln2, wg, bg, wu, bu, wd, bd = w
-            x, r1, h1, q, k, v, p, o, x2, r2, h2, g, u, sg, a = ctx.layers[li]
+            x, r1, h1, q, k, v, p, o, x2, r2, h2, sig, u, sg, a = ctx.layers[li]
             L, Lq = x.shape[1], x2.shape[1]
             rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
             lg = [None] * PER_LAYER
             # MLP: x3 = x2 + (silu(g) * u) Wd^T, g = h2 Wg^T, u = h2 Wu^T
             da, lg[14], lg[15] = _linear_backward(dy, rows(a), wd, nd[14], nd[15])
-            dg = torch.ops.aten.silu_backward(da * rows(u), rows(g))
+            dg = (da * rows(u)).mul_(torch.addcmul(rows(sg), rows(sig), 1 - rows(sg)))  # silu' = s (1 - silu) + silu
             dh2, lg[10], lg[11] = _linear_backward(dg, rows(h2), wg, nd[10], nd[11])
             dh2, lg[12], lg[13] = _linear_backward(da.mul_(rows(sg)), rows(h2), wu, nd[12], nd[13], dh2)
             dx2, lg[9] = rms_norm_backward(dh2, rows(x2), rows(r2), ln2, nd[9])
@@ -306,8 +305,8 @@ class _LlamaLayers(torch.autograd.Function):
             dk = ds.transpose(-1, -2) @ q
             if group > 1:
                 dk, dv = dk.view(B, nkv, group, L, d).sum(2), dv.view(B, nkv, group, L, d).sum(2)
-            dq = rope_backward(dq, cos_q[:, :, L - Lq:], sin_q[:, :, L - Lq:]).transpose(1, 2).reshape(-1, nh * d)
-            dk = rope_backward(dk, cos, sin).transpose(1, 2).reshape(-1, nkv * d)
+            dq = rope_backward(dq.transpose(1, 2), cos_q[:, L - Lq:], sin_q[:, L - Lq:]).reshape(-1, nh * d)
+            dk = rope_backward(dk.transpose(1, 2), cos, sin).reshape(-1, nkv * d)
             dv = dv.transpose(1, 2).reshape(-1, nkv * d)
             h1r = rows(h1)
             dh1, lg[3], lg[4] = _linear_backward(dk, h1r, wk, nd[3], nd[4])
