@@ -373,7 +373,8 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
     from lightning_rlhf import rollout, sampling
     from lightning_rlhf.config import GenerationConfig, LossConfig
     from lightning_rlhf.data.prompts import left_pad
-    from lightning_rlhf.losses import entropy_from_logits, logprobs_from_logits
+    from lightning_rlhf.losses import clipped_ppo_loss, entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+    from lightning_rlhf.models import llama
     from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy, position_ids_from_mask
     from lightning_rlhf.models.reward import RewardModel, ScoreProcessor, Sequences
     from lightning_rlhf.update import minibatch_indices, ppo_loss
@@ -404,10 +405,20 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
                 input_ids=ids, attention_mask=mask.long(), max_new_tokens=T, do_sample=True, top_k=0, top_p=1.0,
                 temperature=s.temperature, pad_token_id=pad, eos_token_id=eos),
         }, rounds))
-        probs = torch.softmax(torch.randn(s.batch_size, len(tok)), dim=-1)
-        add("sampling a token", f"{T} draws from ({s.batch_size}, {len(tok)}) probabilities", interleaved({
-            "ours: inverse CDF (one uniform per row)": lambda: [sampling.sample_from_probs(probs) for _ in range(T)],
-            "torch.multinomial": lambda: [torch.multinomial(probs, 1) for _ in range(T)],
+        z = torch.randn(s.batch_size, len(tok))
+
+        def ours_draws():
+            u = sampling.draw_uniforms((T, s.batch_size, 1))
+            return [sampling.sample_next_token(z, 1.0, u=u[t]) for t in range(T)]
+
+        def gumbel_draws():  # argmax(z + Gumbel noise): B x V random numbers a step
+            g = -torch.empty(T, *z.shape).exponential_().log()
+            return [(z + g[t]).argmax(-1) for t in range(T)]
+
+        add("sampling a token", f"{T} draws from softmax of ({s.batch_size}, {len(tok)}) logits", interleaved({
+            "ours: inverse CDF, uniforms drawn ahead": ours_draws,
+            "torch.multinomial": lambda: [torch.multinomial(torch.softmax(z, -1), 1) for _ in range(T)],
+            "Gumbel-max": gumbel_draws,
         }, rounds))
 
         sp = ScoreProcessor()
@@ -511,9 +522,34 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
         h = hidden[:, -T - 1: -1]
         (policy.lm.get_output_embeddings()(h).sum() + policy.value_head(h).sum()).backward()
 
+    def autograd_trunk():  # LlamaTrunk: the same layers as torch functions traced by autograd
+        budget, llama.SAVED_ATTENTION_BYTES = llama.SAVED_ATTENTION_BYTES, 0  # the fused path declines
+        try:
+            shared()
+        finally:
+            llama.SAVED_ATTENTION_BYTES = budget
+
     add("trunk forward", "fwd+bwd of one micro-batch", interleaved({
-        "ours: LlamaTrunk (plain functions of the weights)": shared,
+        "ours: fused layers (one autograd node, hand-written backward)": shared,
+        "LlamaTrunk (torch functions, autograd)": autograd_trunk,
         "Hugging Face LlamaModel.forward": hf_trunk,
+    }, rounds))
+    m = micro.response_mask
+    lp, v = torch.randn(m.shape) - 3, torch.randn(m.shape)
+
+    def fused_loss():
+        a, b = lp.clone().requires_grad_(), v.clone().requires_grad_()
+        clipped_ppo_loss(a, b, micro.old_logprobs, micro.advantages, micro.old_values, micro.returns, m,
+                         0.2, 0.2, 0.1)[0].backward()
+
+    def two_losses():
+        a, b = lp.clone().requires_grad_(), v.clone().requires_grad_()
+        (policy_loss(a, micro.old_logprobs, micro.advantages, m, 0.2)[0]
+         + 0.1 * value_loss(b, micro.old_values, micro.returns, m, 0.2)[0]).backward()
+
+    add("PPO loss", f"policy + value loss fwd+bwd on {tuple(m.shape)}", interleaved({
+        "ours: clipped_ppo_loss (one autograd node)": fused_loss,
+        "policy_loss + vf_coef * value_loss (autograd)": two_losses,
     }, rounds))
     add("value model", "fwd+bwd of one micro-batch", interleaved({
         "ours: value head on the policy trunk": shared,

@@ -125,7 +125,7 @@ class PPOModule(L.LightningModule):
                 global_tokens = self._global_sum(local_tokens).clamp(min=1)
                 micro_indices = torch.arange(len(minibatch)).split(ppo.micro_batch_size)
                 for i, micro_index in enumerate(micro_indices):
-                    micro = minibatch.select(micro_index).trimmed()
+                    micro = (minibatch if len(micro_indices) == 1 else minibatch.select(micro_index)).trimmed()
                     n_tokens = micro.response_mask.sum().float()
                     with micro_batch_context(self.trainer, sync=i == len(micro_indices) - 1):
                         loss, stats = ppo_loss(self.policy, micro, loss_cfg, self.cfg.generation.temperature)

@@ -144,15 +144,18 @@ class LlamaDecoder:
         heads = self.n_heads + self.n_kv  # one (B, [q, k] features) row of cos / sin per step
         self.cos = cos.transpose(0, 1).repeat(1, 1, heads)  # (steps, B, (nh + nkv) * D)
         self.sin = sin.transpose(0, 1).repeat(1, 1, heads)
-        self.mask = torch.ones(B, 1, 1, P + max_new_tokens, dtype=torch.bool, device=prompt_ids.device)
-        self.mask[:, 0, 0, :P] = prompt_mask.bool()
+        # keys and values as (B * n_kv, positions, D); attention bias 0 / -inf over the prompt's padding
+        bias = torch.zeros(B, self.n_kv, 1, P + max_new_tokens, dtype=hidden.dtype, device=hidden.device)
+        bias[..., :P].masked_fill_(~prompt_mask.bool()[:, None, None], float("-inf"))
+        self.bias = bias.view(B * self.n_kv, 1, -1)
         self.prompt_len = self.pos = P  # self.pos: the cache index of the next token
         self.keys, self.values = [], []
         for k, v in kv:
             buf_k = k.new_empty(B, self.n_kv, P + max_new_tokens, self.head_dim)
             buf_v = v.new_empty(B, self.n_kv, P + max_new_tokens, self.head_dim)
             buf_k[:, :, :P], buf_v[:, :, :P] = k, v
-            self.keys.append(buf_k), self.values.append(buf_v)
+            self.keys.append(buf_k.view(B * self.n_kv, P + max_new_tokens, -1))
+            self.values.append(buf_v.view(B * self.n_kv, P + max_new_tokens, -1))
         return hidden
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -162,17 +165,20 @@ class LlamaDecoder:
         nq = nh * d
         x = F.embedding(token, self.base.embed_tokens.weight)  # (B, H)
         cos, sin = self.cos[i - self.prompt_len], self.sin[i - self.prompt_len]
-        mask = self.mask[..., : i + 1]
+        bias = self.bias[..., : i + 1]
         for (ln1, w_qkv, b_qkv, wo_t, bo, ln2, w_gu, b_gu, act, wd_t, bd, scaling), keys, values in zip(
                 self.layers, self.keys, self.values):
             h = F.rms_norm(x, ln1.weight.shape, ln1.weight, ln1.variance_epsilon)
             qk, qk_rot, v = F.linear(h, w_qkv, b_qkv).split(self.split, dim=-1)
             qk = torch.addcmul(qk * cos, qk_rot, sin)  # RoPE on q and k at once
-            keys[:, :, i] = qk[:, nq:].view(B, nkv, d)
-            values[:, :, i] = v.view(B, nkv, d)
-            o = F.scaled_dot_product_attention(qk[:, :nq].view(B, nh, 1, d), keys[:, :, : i + 1], values[:, :, : i + 1],
-                                               attn_mask=mask, scale=scaling, enable_gqa=nh != nkv)
-            x = torch.addmm(x, o.view(B, nq), wo_t) if bo is None else torch.addmm(x + bo, o.view(B, nq), wo_t)
+            keys[:, i] = qk[:, nq:].reshape(B * nkv, d)
+            values[:, i] = v.reshape(B * nkv, d)
+            # one query against the cache: the heads of a GQA group share their key head (bmm is ~2x
+            # cheaper than scaled_dot_product_attention's CPU kernel at this size)
+            scores = torch.baddbmm(bias, qk[:, :nq].reshape(B * nkv, nh // nkv, d), keys[:, : i + 1].transpose(1, 2),
+                                   alpha=scaling)
+            o = torch.bmm(torch.softmax(scores, dim=-1), values[:, : i + 1]).view(B, nq)
+            x = torch.addmm(x, o, wo_t) if bo is None else torch.addmm(x + bo, o, wo_t)
             g, u = F.linear(F.rms_norm(x, ln2.weight.shape, ln2.weight, ln2.variance_epsilon), w_gu, b_gu).chunk(2, -1)
             a = act(g) * u
             x = torch.addmm(x, a, wd_t) if bd is None else torch.addmm(x + bd, a, wd_t)

@@ -171,3 +171,17 @@ def test_reward_scores_take_the_fused_path_and_equal_hugging_face(tokenizer, mon
     torch.testing.assert_close(scores[0], scores[1], atol=2e-6, rtol=1e-5)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_plan_is_cached_and_rebuilt_when_a_projection_is_replaced(tokenizer):
+    lm = _llama(tokenizer)
+    plan = llama.plan_of(lm.base_model)
+    assert plan is not None and llama.plan_of(lm.base_model) is plan
+    assert llama.LlamaTrunk.supported(lm)
+    lm.model.layers[-1].mlp.down_proj = torch.nn.Sequential(lm.model.layers[-1].mlp.down_proj)  # e.g. an adapter
+    assert llama.plan_of(lm.base_model) is None and not llama.LlamaTrunk.supported(lm)
+    cos, sin = plan.rope(torch.tensor([[0, 0, 1, 2]]), torch.float32)  # positions of a left-padded row
+    ref_cos, ref_sin = llama.LlamaTrunk.rope(lm.model.rotary_emb, torch.tensor([[0, 0, 1, 2]]), torch.float32)
+    torch.testing.assert_close(cos[:, :, 0], ref_cos)
+    half = ref_sin.shape[-1] // 2
+    torch.testing.assert_close(sin[:, :, 0], torch.cat((-ref_sin[..., :half], ref_sin[..., half:]), -1))

@@ -18,6 +18,7 @@ small enough to keep for the backward); `models.policy.trunk_hidden_states` disp
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -49,18 +50,25 @@ class LlamaTrunk:
     @classmethod
     def supported(cls, lm, training: bool = False) -> bool:
         base = getattr(lm, "base_model", None)
-        if type(base).__name__ != "LlamaModel" or type(base.norm).__name__ != "LlamaRMSNorm":
-            return False
-        if getattr(base.rotary_emb, "rope_type", None) not in cls.STATIC_ROPE:
+        if type(base).__name__ != "LlamaModel" or plan_of(base) is None:
             return False
         if training and (base.gradient_checkpointing or base.config.attention_dropout > 0):
+            return False
+        return not hasattr(base.embed_tokens.weight, "ds_id")  # ZeRO-3 shards (it partitions every parameter)
+
+    @classmethod
+    def covers(cls, base) -> bool:
+        """The structure: Llama layers with plain nn.Linear projections (no LoRA, no quantisation), a static RoPE."""
+        if type(base.norm).__name__ != "LlamaRMSNorm":
+            return False
+        if getattr(base.rotary_emb, "rope_type", None) not in cls.STATIC_ROPE:
             return False
         for layer in base.layers:
             if type(layer).__name__ != "LlamaDecoderLayer":
                 return False
             if any(type(layer.get_submodule(name)) is not nn.Linear for name in cls.PROJECTIONS):
                 return False  # LoRA, quantised, ...
-        return not any(hasattr(p, "ds_id") for p in base.parameters())  # ZeRO-3 shards
+        return True
 
     @staticmethod
     def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:  # as LlamaRMSNorm
@@ -134,7 +142,6 @@ class Spec:
     head_dim: int
     scaling: float
     eps: tuple[float, ...]  # per layer: (ln1, ln2)
-    n_last: int  # query positions of the last layer
 
 
 def fused_applies(lm: nn.Module, batch: int, length: int, grad: bool) -> bool:
@@ -162,21 +169,61 @@ def layer_weights(base) -> list[torch.Tensor | None]:
     return out
 
 
-def spec_of(base, n_last: int) -> Spec:
+def spec_of(base) -> Spec:
     cfg = base.config
     attn = base.layers[0].self_attn
     eps = tuple(e for layer in base.layers
                 for e in (layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon))
     return Spec(len(base.layers), cfg.num_attention_heads, cfg.num_key_value_heads,
-                getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads, attn.scaling, eps, n_last)
+                getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads, attn.scaling, eps)
 
 
-def rope_tables(rotary, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, signed sin (B, L, 1, D) such that rope(x) = x * cos + roll(x, D/2) * sin for x (B, L, heads, D)."""
-    cos, sin = LlamaTrunk.rope(rotary, positions, dtype)
-    half = sin.shape[-1] // 2
-    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # rotate_half(x) * sin == roll(x) * this
-    return cos[:, :, None], sin[:, :, None]
+class Plan:
+    """What the fast paths read off one LlamaModel, once: its layer weights, shapes and RoPE tables.
+
+    Walking the module tree costs ~0.2 ms a forward on a 2-layer model, more than a small forward's
+    arithmetic. `plan_of` caches a Plan per model and rebuilds it when its first or last layer's
+    projections are other modules (e.g. LoRA wrapped them) or the layer count changed.
+    """
+
+    def __init__(self, base):
+        self.covered = LlamaTrunk.covers(base)
+        self.n_layers = len(base.layers)
+        self.modules = self._modules(base)
+        self.weights = layer_weights(base) if self.covered else []
+        self.spec = spec_of(base) if self.covered else None
+        self.rotary = base.rotary_emb
+        self._cos = self._sin = None  # (positions, D): cos and signed sin, grown on demand
+
+    @staticmethod
+    def _modules(base) -> tuple:
+        ends = (base.layers[0], base.layers[-1]) if len(base.layers) else ()
+        return tuple(layer.get_submodule(name) for layer in ends for name in LlamaTrunk.PROJECTIONS)
+
+    def current(self, base) -> bool:
+        return len(base.layers) == self.n_layers and self._modules(base) == self.modules
+
+    def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin (B, L, 1, D) for positions (B, L), from a table of every position so far."""
+        need = positions.shape[-1]  # position ids count valid tokens: always below the length
+        inv_freq = self.rotary.inv_freq
+        if self._cos is None or self._cos.shape[0] < need or self._cos.dtype != dtype or self._cos.device != inv_freq.device:
+            size = max(need, 2 * (self._cos.shape[0] if self._cos is not None else 64))
+            cos, sin = LlamaTrunk.rope(self.rotary, torch.arange(size, device=inv_freq.device), dtype)
+            half = sin.shape[-1] // 2
+            self._cos, self._sin = cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return self._cos[positions][:, :, None], self._sin[positions][:, :, None]
+
+
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, Plan]" = weakref.WeakKeyDictionary()
+
+
+def plan_of(base) -> Plan | None:
+    """The cached Plan of a LlamaModel, None when LlamaTrunk does not cover its structure."""
+    plan = _PLANS.get(base)
+    if plan is None or not plan.current(base):
+        plan = _PLANS[base] = Plan(base)
+    return plan if plan.covered else None
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -216,10 +263,11 @@ def _linear_backward(dy, x, w, need_w: bool, need_b: bool, dx=None):
     return dx, dw, db
 
 
-def layers_forward(x, cos, sin, mask_bias, spec: Spec, weights, saved: list | None = None, kv_out: list | None = None):
+def layers_forward(x, cos, sin, mask_bias, spec: Spec, n_last: int, weights, saved: list | None = None,
+                   kv_out: list | None = None):
     """All decoder layers. x (B, L, H) embeddings -> (B, n_last, H) before the final norm.
 
-    cos, sin (B, L, 1, D) from `rope_tables`; mask_bias (B, 1, L, L) 0 / -inf. `saved` collects what
+    cos, sin (B, L, 1, D) from `Plan.rope`; mask_bias (B, 1, L, L) 0 / -inf. `saved` collects what
     the backward needs; `kv_out` collects each layer's rotated keys and values (B, n_kv, L, D).
     """
     B, L, _ = x.shape
@@ -228,7 +276,7 @@ def layers_forward(x, cos, sin, mask_bias, spec: Spec, weights, saved: list | No
     cos_q, sin_q = cos * spec.scaling, sin * spec.scaling  # the attention scale, folded into the queries
     for li in range(spec.n_layers):
         ln1, wq, bq, wk, bk, wv, bv, wo, bo, ln2, wg, bg, wu, bu, wd, bd = weights[li * PER_LAYER:(li + 1) * PER_LAYER]
-        Lq = spec.n_last if li == spec.n_layers - 1 else L
+        Lq = n_last if li == spec.n_layers - 1 else L
         h1, r1 = rms_norm(x, ln1, spec.eps[2 * li]) if saved is not None else (
             F.rms_norm(x, ln1.shape, ln1, spec.eps[2 * li]), None)
         # separate projections: contiguous outputs keep the elementwise kernels below on their fast path
@@ -261,9 +309,9 @@ def layers_forward(x, cos, sin, mask_bias, spec: Spec, weights, saved: list | No
 
 class _LlamaLayers(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, cos, sin, mask_bias, spec, *weights):
+    def forward(ctx, x, cos, sin, mask_bias, spec, n_last, *weights):
         saved = []
-        out = layers_forward(x, cos, sin, mask_bias, spec, weights, saved)
+        out = layers_forward(x, cos, sin, mask_bias, spec, n_last, weights, saved)
         ctx.save_for_backward(*weights)  # version-checked: an in-place update before backward raises
         ctx.spec, ctx.layers, ctx.cos, ctx.sin = spec, saved, cos, sin  # intermediates, freed after backward
         return out
@@ -271,7 +319,7 @@ class _LlamaLayers(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         spec, weights = ctx.spec, ctx.saved_tensors
-        need = ctx.needs_input_grad[5:]
+        need = ctx.needs_input_grad[6:]
         nh, nkv, d = spec.n_heads, spec.n_kv, spec.head_dim
         group = nh // nkv
         cos, sin = ctx.cos, ctx.sin
@@ -325,7 +373,7 @@ class _LlamaLayers(torch.autograd.Function):
                 grads[li * PER_LAYER + j] = lg[j] if nd[j] else None
             dy = dx
         ctx.layers = None
-        return (dy.view(B, -1, H), None, None, None, None, *grads)
+        return (dy.view(B, -1, H), None, None, None, None, None, *grads)
 
 
 def attention_mask_bias(attention_mask: torch.Tensor, dtype) -> torch.Tensor:
@@ -347,15 +395,15 @@ def llama_hidden(base, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_
     """
     L = input_ids.shape[1]
     n_last = L if n_last is None else n_last
+    plan = plan_of(base)
     x = F.embedding(input_ids, base.embed_tokens.weight)
-    cos, sin = rope_tables(base.rotary_emb, position_ids_from_mask(attention_mask), x.dtype)
+    cos, sin = plan.rope(position_ids_from_mask(attention_mask), x.dtype)
     mask_bias = attention_mask_bias(attention_mask, x.dtype)
-    spec = spec_of(base, n_last)
-    weights = layer_weights(base)
+    weights = plan.weights
     if torch.is_grad_enabled() and (x.requires_grad or any(w is not None and w.requires_grad for w in weights)):
         if kv_out is not None:
             raise ValueError("kv_out is for inference only")
-        out = _LlamaLayers.apply(x, cos, sin, mask_bias, spec, *weights)
+        out = _LlamaLayers.apply(x, cos, sin, mask_bias, plan.spec, n_last, *weights)
     else:
-        out = layers_forward(x, cos, sin, mask_bias, spec, weights, kv_out=kv_out)
+        out = layers_forward(x, cos, sin, mask_bias, plan.spec, n_last, weights, kv_out=kv_out)
     return LlamaTrunk.rms_norm(out, base.norm)
