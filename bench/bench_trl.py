@@ -443,8 +443,8 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
                 reward(seqs)
 
         add("frozen models", "reference + reward forward", interleaved({
-            "ours: torch.no_grad": lambda: frozen(torch.no_grad),
-            "torch.inference_mode": lambda: frozen(torch.inference_mode),
+            "ours: torch.inference_mode": lambda: frozen(torch.inference_mode),
+            "torch.no_grad": lambda: frozen(torch.no_grad),
         }, rounds))
 
     opt = torch.optim.AdamW(policy.parameters(), lr=s.lr, fused=True)  # as strategies.make_optimizer
@@ -584,7 +584,7 @@ def main(argv=None) -> int:
     p.add_argument("--mini-batches", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: robust on a shared machine)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iterations", type=int, default=10, help="timed iterations per side")
+    p.add_argument("--iterations", type=int, default=20, help="timed iterations per side")
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
     p.add_argument("--no-scaling", action="store_true")
     p.add_argument("--scaling-iterations", type=int, default=3)
