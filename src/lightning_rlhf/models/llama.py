@@ -4,10 +4,10 @@ Two ways through the decoder layers, both the arithmetic of `LlamaModel.forward`
 - `LlamaTrunk`: the layers as autograd-traced torch functions (bit for bit on valid tokens), without
   the per-call Python of the Hugging Face module stack (mask building, ~30 module calls per layer).
 - `llama_hidden`: all layers as one `torch.autograd.Function` with a hand-written backward. On small
-  and medium models a training step is bound by per-op overhead, not by the matmuls: autograd's graph
+  and medium models a training step is bound by per-op cost, not by the matmuls: autograd's graph
   of a Llama layer has ~45 forward and ~75 backward nodes (views, RoPE halves, residuals, norms). The
-  fused node runs the same matmuls (q/k/v and gate/up fused), about half the elementwise kernels and
-  no graph. It also skips work no output needs: with `n_last`, the last layer computes queries, the
+  fused node runs the same matmuls, fewer elementwise kernels (RoPE as one roll and two multiplies,
+  silu' from the saved sigmoid) and no graph. It also skips work no output needs: with `n_last`, the last layer computes queries, the
   output projection and the MLP only for the last `n_last` positions (the earlier ones enter it only
   as keys and values). Equal to Hugging Face up to float rounding (an explicit softmax, the attention
   scale folded into the query rotation); tested against its forward and autograd's gradients.
@@ -73,7 +73,7 @@ class LlamaTrunk:
     @staticmethod
     def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:  # as LlamaRMSNorm
         weight, eps = norm.weight, norm.variance_epsilon
-        if x.dtype == weight.dtype == torch.float32:  # one fused kernel, the same numbers in fp32
+        if x.dtype == weight.dtype == torch.float32:  # F.rms_norm: one call, the same numbers in fp32
             return F.rms_norm(x, weight.shape, weight, eps)
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -247,10 +247,6 @@ def rms_norm_backward(dh, x, rstd, weight, need_weight: bool):
     dn = dh * weight
     dx = (dn - n * (dn * n).mean(-1, keepdim=True)).mul_(rstd)
     return dx, dweight
-
-
-def _cat(tensors):
-    return None if any(t is None for t in tensors) else torch.cat(tensors)
 
 
 def _linear_backward(dy, x, w, need_w: bool, need_b: bool, dx=None):
