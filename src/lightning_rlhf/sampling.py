@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from torch import nn
 
-from lightning_rlhf.models.llama import LlamaTrunk, llama_hidden, position_ids_from_mask
+from lightning_rlhf.models.llama import LlamaTrunk, fused_applies, llama_hidden, position_ids_from_mask
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -131,7 +131,8 @@ class LlamaDecoder:
 
     @classmethod
     def build(cls, lm):
-        return cls(lm) if cls.supported(lm) else None
+        """A decoder for `lm`, or None: a model LlamaTrunk does not cover, or autocast (bf16-mixed) on."""
+        return cls(lm) if cls.supported(lm) and fused_applies(lm, 1, 1, grad=False) else None
 
     def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Left-padded prompts (B, P) -> last hidden state (B, H) after the final norm; fills the cache."""

@@ -185,3 +185,22 @@ def test_plan_is_cached_and_rebuilt_when_a_projection_is_replaced(tokenizer):
     torch.testing.assert_close(cos[:, :, 0], ref_cos)
     half = ref_sin.shape[-1] // 2
     torch.testing.assert_close(sin[:, :, 0], torch.cat((-ref_sin[..., :half], ref_sin[..., half:]), -1))
+
+
+def test_autocast_takes_the_autograd_and_hugging_face_paths(tokenizer):
+    """bf16-mixed (Lightning's autocast) must not reach the fp32 hand-written backward or the decoder."""
+    from lightning_rlhf.sampling import LlamaDecoder, sample
+
+    lm = _llama(tokenizer)
+    policy = PolicyWithValueHead(lm).train()
+    ids, mask = _batch(tokenizer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not llama.fused_applies(lm, *ids.shape, grad=True)
+        assert LlamaDecoder.build(lm) is None
+        logits, values = policy(ids, mask, 5)
+        (logits.float().logsumexp(-1).sum() + values.sum()).backward()
+        out = sample(lm, ids[:, :6], mask[:, :6], 4, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                     with_logprobs=True, value_head=policy.value_head)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in policy.parameters())
+    assert out.response_ids.shape == (3, 4) and torch.isfinite(out.logprobs).all()
+    assert llama.fused_applies(lm, *ids.shape, grad=True)  # and back once autocast is off

@@ -12,8 +12,8 @@ Two ways through the decoder layers, both the arithmetic of `LlamaModel.forward`
   as keys and values). Equal to Hugging Face up to float rounding (an explicit softmax, the attention
   scale folded into the query rotation); tested against its forward and autograd's gradients.
 
-`fused_applies` says when the fused path is taken (fp32 weights; when training, attention probabilities
-small enough to keep for the backward); `models.policy.trunk_hidden_states` dispatches.
+`fused_applies` says when the fused path is taken (fp32 weights and no autocast; when training,
+attention probabilities small enough to keep for the backward); `models.policy.trunk_hidden_states` dispatches.
 """
 
 from __future__ import annotations
@@ -150,8 +150,9 @@ def fused_applies(lm: nn.Module, batch: int, length: int, grad: bool) -> bool:
     if not LlamaTrunk.supported(lm, training=grad and lm.training):
         return False
     base = lm.base_model
-    if base.embed_tokens.weight.dtype != torch.float32:
-        return False
+    weight = base.embed_tokens.weight
+    if weight.dtype != torch.float32 or torch.is_autocast_enabled(weight.device.type):
+        return False  # fp32 arithmetic only: under autocast (bf16-mixed) the hand-written backward would mix dtypes
     saved = 4 * batch * base.config.num_attention_heads * length * length * len(base.layers)
     return not grad or saved <= SAVED_ATTENTION_BYTES
 
