@@ -269,6 +269,7 @@ def interleave(jobs: dict[str, tuple[str, common.Settings]], warmup: int, iterat
                 res = _receive(conns[name], name, "result")
                 if r >= warmup:
                     results[name].append(res)
+            print(f"  round {r + 1}/{total} ({'warm-up' if r < warmup else 'timed'}) done", file=sys.stderr, flush=True)
         for name in names:
             _receive(conns[name], name, "exit")
     finally:
