@@ -90,10 +90,9 @@ class LlamaDecoder:
     """Prefill and decode step of a Llama-architecture model without the Hugging Face module stack.
 
     The weights do not change during a rollout, so each layer's projections are fused once per call
-    of `sample`: q, k, v and their RoPE partners rotate_half(q), rotate_half(k) in one matmul (the
-    rotation becomes `a * cos + b * sin`), gate and up in another, the output projections added onto
-    the residual with addmm. A decode step is then ~14 kernels a layer instead of ~30 Hugging Face
-    module calls: on small models decoding is bound by that overhead, not by arithmetic. The prefill
+    of `sample`: q, k and v in one matmul, gate and up in another, the output projections added onto
+    the residual with addmm; RoPE rotates q and k together (a roll and two multiplies). A decode step
+    is then ~15 kernels a layer instead of ~30 Hugging Face module calls: on small models decoding is bound by that overhead, not by arithmetic. The prefill
     is `models.llama.llama_hidden`, which also fills the KV cache. Same arithmetic as `LlamaModel`
     up to float rounding. `build` returns None for the models LlamaTrunk does not cover.
     """
@@ -103,27 +102,20 @@ class LlamaDecoder:
         cfg = base.config
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         d = self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        half = d // 2
         nq, nk = self.n_heads * d, self.n_kv * d
-
-        def rotated(w: torch.Tensor, heads: int) -> torch.Tensor:  # rows of rotate_half(W x) = [-W2 x, W1 x] per head
-            w = w.reshape(heads, d, *w.shape[1:])
-            return torch.cat((-w[:, half:], w[:, :half]), dim=1).reshape(heads * d, *w.shape[2:])
-
         self.layers = []
         for layer in base.layers:
             attn, mlp = layer.self_attn, layer.mlp
             q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
-            w_qkv = torch.cat((q.weight, k.weight, rotated(q.weight, self.n_heads), rotated(k.weight, self.n_kv), v.weight))
-            b_qkv = None if q.bias is None else torch.cat(
-                (q.bias, k.bias, rotated(q.bias, self.n_heads), rotated(k.bias, self.n_kv), v.bias))
+            w_qkv = torch.cat((q.weight, k.weight, v.weight))
+            b_qkv = None if q.bias is None else torch.cat((q.bias, k.bias, v.bias))
             w_gu = torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight))
             b_gu = None if mlp.gate_proj.bias is None else torch.cat((mlp.gate_proj.bias, mlp.up_proj.bias))
             act = F.silu if isinstance(mlp.act_fn, nn.SiLU) else mlp.act_fn
             self.layers.append((layer.input_layernorm, w_qkv, b_qkv, attn.o_proj.weight.T, attn.o_proj.bias,
                                 layer.post_attention_layernorm, w_gu, b_gu, act, mlp.down_proj.weight.T,
                                 mlp.down_proj.bias, attn.scaling))
-        self.split = (nq + nk, nq + nk, nk)  # [q, k] | [rot q, rot k] | v
+        self.split = (nq + nk, nk)  # [q, k] | v
 
     @staticmethod
     def supported(lm) -> bool:
@@ -142,9 +134,9 @@ class LlamaDecoder:
         first = position_ids_from_mask(prompt_mask.long())[:, -1:] + 1
         positions = first + torch.arange(max_new_tokens, device=first.device)  # (B, steps)
         cos, sin = LlamaTrunk.rope(self.base.rotary_emb, positions, hidden.dtype)  # (B, steps, D)
-        heads = self.n_heads + self.n_kv  # one (B, [q, k] features) row of cos / sin per step
-        self.cos = cos.transpose(0, 1).repeat(1, 1, heads)  # (steps, B, (nh + nkv) * D)
-        self.sin = sin.transpose(0, 1).repeat(1, 1, heads)
+        half = self.head_dim // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # rotate_half(x) * sin == roll(x) * this
+        self.cos, self.sin = cos.transpose(0, 1)[:, :, None], sin.transpose(0, 1)[:, :, None]  # (steps, B, 1, D)
         # keys and values as (B * n_kv, positions, D); attention bias 0 / -inf over the prompt's padding
         bias = torch.zeros(B, self.n_kv, 1, P + max_new_tokens, dtype=hidden.dtype, device=hidden.device)
         bias[..., :P].masked_fill_(~prompt_mask.bool()[:, None, None], float("-inf"))
@@ -170,8 +162,9 @@ class LlamaDecoder:
         for (ln1, w_qkv, b_qkv, wo_t, bo, ln2, w_gu, b_gu, act, wd_t, bd, scaling), keys, values in zip(
                 self.layers, self.keys, self.values):
             h = F.rms_norm(x, ln1.weight.shape, ln1.weight, ln1.variance_epsilon)
-            qk, qk_rot, v = F.linear(h, w_qkv, b_qkv).split(self.split, dim=-1)
-            qk = torch.addcmul(qk * cos, qk_rot, sin)  # RoPE on q and k at once
+            qk, v = F.linear(h, w_qkv, b_qkv).split(self.split, dim=-1)
+            qk = qk.view(B, nh + nkv, d)
+            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin).view(B, -1)  # RoPE on q and k at once
             keys[:, i] = qk[:, nq:].reshape(B * nkv, d)
             values[:, i] = v.reshape(B * nkv, d)
             # one query against the cache: the heads of a GQA group share their key head (bmm is ~2x

@@ -261,9 +261,7 @@ def rms_norm_backward(dh, x, rstd, weight, need_weight: bool):
 
 def _linear_backward(dy, x, w, need_w: bool, need_b: bool, dx=None):
     """y = x W^T + b on rows: dy (N, O), x (N, I) -> dx (N, I) (added into `dx` when given), dW, db."""
-    dw = None
-    if need_w:  # MKL is faster with the longer of O, I as the output's inner dimension
-        dw = (x.T @ dy).T if dy.shape[1] > x.shape[1] else dy.T @ x
+    dw = dy.T @ x if need_w else None  # contiguous (O, I): a transposed result would be copied into .grad
     db = dy.sum(0) if need_b else None
     dx = dy @ w if dx is None else dx.addmm_(dy, w)
     return dx, dw, db
