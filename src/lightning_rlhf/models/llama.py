@@ -158,7 +158,7 @@ def fused_applies(lm: nn.Module, batch: int, length: int, grad: bool) -> bool:
 
 
 def layer_weights(base) -> list[torch.Tensor | None]:
-    """Every layer's parameters in the order `llama_layers` takes them (biases may be None)."""
+    """Every layer's parameters in the order `layers_forward` takes them (biases may be None)."""
     out = []
     for layer in base.layers:
         for name in WEIGHTS:
