@@ -97,7 +97,8 @@ class PPOModule(L.LightningModule):
 
     def _global_mean_dict(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
         """Scalar tensors -> their means over ranks as floats: one all-reduce and one host sync in all."""
-        values = torch.stack([v.detach().float().reshape(()) for v in stats.values()])
+        # some stats are host scalars (timings, the KL coefficient): all go to the module's device first
+        values = torch.stack([v.detach().to(self.device, torch.float32).reshape(()) for v in stats.values()])
         return dict(zip(stats, self._global_mean(values).tolist()))
 
     def _global_sum(self, x: torch.Tensor) -> torch.Tensor:

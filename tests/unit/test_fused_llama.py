@@ -171,6 +171,15 @@ def test_reward_scores_take_the_fused_path_and_equal_hugging_face(tokenizer, mon
     torch.testing.assert_close(scores[0], scores[1], atol=2e-6, rtol=1e-5)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    # a row ending in the config's pad id: Hugging Face pools an earlier token, and so must the fast path
+    ids[0, -2] = tokenizer.pad_token_id
+    monkeypatch.setattr(reward_module, "fused_applies", llama.fused_applies)
+    with torch.no_grad():
+        fast = reward_module.classifier_scores(rm, ids, mask, tokenizer.pad_token_id)
+        monkeypatch.setattr(reward_module, "fused_applies", lambda *a: False)
+        hf = reward_module.classifier_scores(rm, ids, mask, tokenizer.pad_token_id)
+    assert len(calls) == 2
+    torch.testing.assert_close(fast, hf, atol=2e-6, rtol=1e-5)
 
 
 def test_plan_is_cached_and_rebuilt_when_a_projection_is_replaced(tokenizer):
@@ -204,3 +213,25 @@ def test_autocast_takes_the_autograd_and_hugging_face_paths(tokenizer):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in policy.parameters())
     assert out.response_ids.shape == (3, 4) and torch.isfinite(out.logprobs).all()
     assert llama.fused_applies(lm, *ids.shape, grad=True)  # and back once autocast is off
+
+
+def test_plan_follows_replaced_parameters_and_other_activations(tokenizer):
+    lm = _llama(tokenizer).eval()
+    ids, mask = _batch(tokenizer)
+    with torch.no_grad():
+        llama.llama_hidden(lm.base_model, ids, mask)  # a Plan is cached
+        state = {k: v + 0.5 * torch.randn_like(v) for k, v in lm.base_model.layers[1].state_dict().items()}
+        lm.base_model.layers[1].load_state_dict(state, assign=True)  # new Parameter objects, middle of the stack
+        torch.testing.assert_close(llama.llama_hidden(lm.base_model, ids, mask)[mask.bool()],
+                                   _hf_hidden(lm, ids, mask)[mask.bool()], atol=2e-5, rtol=1e-5)
+    gelu = _llama(tokenizer, hidden_act="gelu")
+    assert llama.LlamaTrunk.supported(gelu) and not llama.fused_applies(gelu, 3, 8, grad=False)
+
+
+def test_a_second_backward_through_the_fused_layers_says_why_it_cannot(tokenizer):
+    lm = _llama(tokenizer).train()
+    ids, mask = _batch(tokenizer)
+    out = llama.llama_hidden(lm.base_model, ids, mask).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        out.backward()

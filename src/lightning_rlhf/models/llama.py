@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from torch import nn
 
@@ -127,8 +128,7 @@ class LlamaTrunk:
 
 
 SAVED_ATTENTION_BYTES = 256 * 2**20  # budget for the (B, heads, L, L) probabilities kept for the backward
-WEIGHTS = ("input_layernorm.weight", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-           "self_attn.o_proj", "post_attention_layernorm.weight", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SILU = ("SiLU", "SiLUActivation")  # torch's and transformers' module names for x * sigmoid(x)
 PER_LAYER = 16  # ln1, wq, bq, wk, bk, wv, bv, wo, bo, ln2, wg, bg, wu, bu, wd, bd
 
 
@@ -153,20 +153,26 @@ def fused_applies(lm: nn.Module, batch: int, length: int, grad: bool) -> bool:
     weight = base.embed_tokens.weight
     if weight.dtype != torch.float32 or torch.is_autocast_enabled(weight.device.type):
         return False  # fp32 arithmetic only: under autocast (bf16-mixed) the hand-written backward would mix dtypes
+    if not plan_of(base).silu:
+        return False  # the backward is written for SiLU-gated MLPs
     saved = 4 * batch * base.config.num_attention_heads * length * length * len(base.layers)
     return not grad or saved <= SAVED_ATTENTION_BYTES
+
+
+def _parts(layer) -> tuple:
+    """A layer's modules in the order `layers_forward` takes their parameters (norms, then projections)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (layer.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.post_attention_layernorm,
+            mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
 
 def layer_weights(base) -> list[torch.Tensor | None]:
     """Every layer's parameters in the order `layers_forward` takes them (biases may be None)."""
     out = []
     for layer in base.layers:
-        for name in WEIGHTS:
-            m = layer.get_submodule(name.rsplit(".", 1)[0]) if name.endswith(".weight") else layer.get_submodule(name)
-            if name.endswith(".weight"):
-                out.append(m.weight)
-            else:
-                out.extend((m.weight, m.bias))
+        ln1, q, k, v, o, ln2, g, u, d = _parts(layer)
+        out += (ln1.weight, q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight, o.bias,
+                ln2.weight, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias)
     return out
 
 
@@ -182,31 +188,31 @@ def spec_of(base) -> Spec:
 class Plan:
     """What the fast paths read off one LlamaModel, once: its layer weights, shapes and RoPE tables.
 
-    Walking the module tree costs ~0.2 ms a forward on a 2-layer model, more than a small forward's
-    arithmetic. `plan_of` caches a Plan per model and rebuilds it when its first or last layer's
-    projections are other modules (e.g. LoRA wrapped them) or the layer count changed; a stale check
-    costs ~10 us.
+    Walking the module tree with `get_submodule` cost ~0.2 ms a forward on a 2-layer model, more
+    than a small forward's arithmetic. `plan_of` caches a Plan per model and checks it on every use
+    with plain attribute reads (~10 us a layer): the same modules and parameter objects in every
+    layer (a LoRA wrapper, a swapped module or `load_state_dict(assign=True)` changes them), the same
+    rotary module.
     """
 
     def __init__(self, base):
-        self.n_layers = len(base.layers)
-        self.modules = self._modules(base)
+        self.modules = [m for layer in base.layers for m in _parts(layer)]
         self.weights = layer_weights(base)
         self.spec = spec_of(base)
-        self.rotary = base.rotary_emb
+        self.rotary, self.inv_freq = base.rotary_emb, base.rotary_emb.inv_freq
+        self.silu = all(type(layer.mlp.act_fn).__name__ in SILU for layer in base.layers)
         self._cos = self._sin = None  # (positions, D): cos and signed sin, grown on demand
 
-    @staticmethod
-    def _modules(base) -> tuple:
-        """The first and last layers' projection modules (attribute access: get_submodule costs ~7 us each)."""
-        out = ()
-        for layer in (base.layers[0], base.layers[-1]) if len(base.layers) else ():
-            attn, mlp = layer.self_attn, layer.mlp
-            out += (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        return out
-
     def current(self, base) -> bool:
-        return len(base.layers) == self.n_layers and self._modules(base) == self.modules
+        if base.rotary_emb is not self.rotary or self.rotary.inv_freq is not self.inv_freq:
+            return False
+        try:
+            modules = [m for layer in base.layers for m in _parts(layer)]
+        except AttributeError:  # a layer of another kind
+            return False
+        if len(modules) != len(self.modules) or any(a is not b for a, b in zip(modules, self.modules)):
+            return False  # e.g. a LoRA wrapper: same base weight, another module
+        return all(a is b for a, b in zip(layer_weights(base), self.weights))  # e.g. load_state_dict(assign=True)
 
     def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin (B, L, 1, D) for positions (B, L), from a table of every position so far."""
@@ -321,7 +327,11 @@ class _LlamaLayers(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
+        if ctx.layers is None:
+            raise RuntimeError("the fused Llama layers free their activations in the backward: one backward per "
+                               "forward (no retain_graph=True)")
         spec, weights = ctx.spec, ctx.saved_tensors
         need = ctx.needs_input_grad[6:]
         nh, nkv, d = spec.n_heads, spec.n_kv, spec.head_dim

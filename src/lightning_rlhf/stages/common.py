@@ -29,7 +29,7 @@ def publish_metrics(trainer: L.Trainer, metrics: dict[str, float], prog_bar: dic
     trainer.callback_metrics.update(tensors)
     trainer.progress_bar_metrics.update({name: metrics[key] for name, key in (prog_bar or {}).items()})
     step = trainer.fit_loop.epoch_loop._batches_that_stepped  # Lightning's logging step; it has no public twin
-    if trainer.loggers and ((step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop):
+    if trainer.loggers and ((step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop or trainer.fast_dev_run):
         trainer.logged_metrics.update(tensors)
         for logger in trainer.loggers:
             logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step=step)
