@@ -159,9 +159,9 @@ def test_reward_scores_take_the_fused_path_and_equal_hugging_face(tokenizer, mon
     ids = torch.cat([ids, torch.tensor([[40, 41, 0], [42, 0, 0], [43, 44, 45]])], 1)
     mask = torch.cat([mask, torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)], 1)
     scores, grads, calls = [], [], []
-    monkeypatch.setattr(reward_module, "llama_hidden", lambda *a: calls.append(1) or llama.llama_hidden(*a))
+    monkeypatch.setattr(reward_module, "llama_hidden", lambda *a, **k: calls.append(1) or llama.llama_hidden(*a, **k))
     for budget in (llama.SAVED_ATTENTION_BYTES, -1):  # -1: no fused path, Hugging Face's forward
-        monkeypatch.setattr(reward_module, "fused_applies", lambda *a, b=budget: b > 0 and llama.fused_applies(*a))
+        monkeypatch.setattr(reward_module, "fused_plan", lambda *a, b=budget: llama.fused_plan(*a) if b > 0 else None)
         rm.zero_grad()
         s = reward_module.classifier_scores(rm, ids, mask, tokenizer.pad_token_id)
         (s * torch.tensor([1.0, -2.0, 3.0])).sum().backward()  # reward-model training differentiates it
@@ -173,10 +173,10 @@ def test_reward_scores_take_the_fused_path_and_equal_hugging_face(tokenizer, mon
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     # a row ending in the config's pad id: Hugging Face pools an earlier token, and so must the fast path
     ids[0, -2] = tokenizer.pad_token_id
-    monkeypatch.setattr(reward_module, "fused_applies", llama.fused_applies)
+    monkeypatch.setattr(reward_module, "fused_plan", llama.fused_plan)
     with torch.no_grad():
         fast = reward_module.classifier_scores(rm, ids, mask, tokenizer.pad_token_id)
-        monkeypatch.setattr(reward_module, "fused_applies", lambda *a: False)
+        monkeypatch.setattr(reward_module, "fused_plan", lambda *a: None)
         hf = reward_module.classifier_scores(rm, ids, mask, tokenizer.pad_token_id)
     assert len(calls) == 2
     torch.testing.assert_close(fast, hf, atol=2e-6, rtol=1e-5)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_rlhf.models.llama import LlamaTrunk, fused_applies, llama_hidden, position_ids_from_mask
+from lightning_rlhf.models.llama import LlamaTrunk, fused_plan, llama_hidden, position_ids_from_mask
 
 __all__ = ["LlamaTrunk", "PolicyWithValueHead", "frozen_copy", "position_ids_from_mask", "ref_logits",
            "trunk_hidden_states"]
@@ -32,8 +32,9 @@ def trunk_hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: 
     """Last hidden state of a causal LM's trunk (after the final norm) at the last `n_last` positions
     (all when None). (B, L) -> (B, n_last, H). Llama models take the fast paths of `models.llama`."""
     grad = torch.is_grad_enabled()
-    if fused_applies(lm, input_ids.shape[0], input_ids.shape[1], grad):
-        return llama_hidden(lm.base_model, input_ids, attention_mask, n_last)
+    plan = fused_plan(lm, input_ids.shape[0], input_ids.shape[1], grad)
+    if plan is not None:
+        return llama_hidden(lm.base_model, input_ids, attention_mask, n_last, plan=plan)
     if LlamaTrunk.supported(lm, training=grad and lm.training):
         hidden = LlamaTrunk.forward(lm.base_model, input_ids, attention_mask)
     else:
