@@ -17,9 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from torch import nn
-
-from lightning_rlhf.models.llama import LlamaTrunk, fused_applies, llama_hidden, position_ids_from_mask
+from lightning_rlhf.models.llama import PER_LAYER, LlamaTrunk, Plan, fused_plan, llama_hidden, position_ids_from_mask
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -92,30 +90,26 @@ class LlamaDecoder:
     The weights do not change during a rollout, so each layer's projections are fused once per call
     of `sample`: q, k and v in one matmul, gate and up in another, the output projections added onto
     the residual with addmm; RoPE rotates q and k together (a roll and two multiplies). A decode step
-    is then ~15 kernels a layer instead of ~30 Hugging Face module calls: on small models decoding is bound by that overhead, not by arithmetic. The prefill
-    is `models.llama.llama_hidden`, which also fills the KV cache. Same arithmetic as `LlamaModel`
-    up to float rounding. `build` returns None for the models LlamaTrunk does not cover.
+    is then ~15 kernels a layer instead of ~30 Hugging Face module calls: on small models decoding is
+    bound by that overhead, not by arithmetic. The prefill is `models.llama.llama_hidden`, which also
+    fills the KV cache. Same arithmetic as `LlamaModel` up to float rounding. `build` returns None
+    where the fused layers do not apply (`models.llama.fused_plan`).
     """
 
-    def __init__(self, lm):
-        base = self.base = lm.base_model
-        cfg = base.config
-        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        d = self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        nq, nk = self.n_heads * d, self.n_kv * d
+    def __init__(self, lm, plan: Plan):
+        self.base, self.plan, spec = lm.base_model, plan, plan.spec
+        self.n_heads, self.n_kv, self.head_dim = spec.n_heads, spec.n_kv, spec.head_dim
+        d = self.head_dim
         self.layers = []
-        for layer in base.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
-            w_qkv = torch.cat((q.weight, k.weight, v.weight))
-            b_qkv = None if q.bias is None else torch.cat((q.bias, k.bias, v.bias))
-            w_gu = torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight))
-            b_gu = None if mlp.gate_proj.bias is None else torch.cat((mlp.gate_proj.bias, mlp.up_proj.bias))
-            act = F.silu if isinstance(mlp.act_fn, nn.SiLU) else mlp.act_fn
-            self.layers.append((layer.input_layernorm, w_qkv, b_qkv, attn.o_proj.weight.T, attn.o_proj.bias,
-                                layer.post_attention_layernorm, w_gu, b_gu, act, mlp.down_proj.weight.T,
-                                mlp.down_proj.bias, attn.scaling))
-        self.split = (nq + nk, nk)  # [q, k] | v
+        for li in range(spec.n_layers):  # the Plan's weights, in `layers_forward` order
+            ln1, wq, bq, wk, bk, wv, bv, wo, bo, ln2, wg, bg, wu, bu, wd, bd = (
+                plan.weights[li * PER_LAYER:(li + 1) * PER_LAYER])
+            self.layers.append((ln1, spec.eps[2 * li], torch.cat((wq, wk, wv)),
+                                None if bq is None else torch.cat((bq, bk, bv)), wo.T, bo,
+                                ln2, spec.eps[2 * li + 1], torch.cat((wg, wu)),
+                                None if bg is None else torch.cat((bg, bu)), wd.T, bd))
+        nk = self.n_kv * d
+        self.split = (self.n_heads * d + nk, nk)  # [q, k] | v
 
     @staticmethod
     def supported(lm) -> bool:
@@ -123,20 +117,20 @@ class LlamaDecoder:
 
     @classmethod
     def build(cls, lm):
-        """A decoder for `lm`, or None: a model LlamaTrunk does not cover, or autocast (bf16-mixed) on."""
-        return cls(lm) if cls.supported(lm) and fused_applies(lm, 1, 1, grad=False) else None
+        """A decoder for `lm`, or None where the fused layers do not apply (another structure, not SiLU,
+        not fp32, or autocast on)."""
+        plan = fused_plan(lm, 1, 1, grad=False)
+        return None if plan is None else cls(lm, plan)
 
     def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Left-padded prompts (B, P) -> last hidden state (B, H) after the final norm; fills the cache."""
         B, P = prompt_ids.shape
         kv = []
-        hidden = llama_hidden(self.base, prompt_ids, prompt_mask.long(), 1, kv_out=kv)[:, 0]
+        hidden = llama_hidden(self.base, prompt_ids, prompt_mask.long(), 1, kv_out=kv, plan=self.plan)[:, 0]
         first = position_ids_from_mask(prompt_mask.long())[:, -1:] + 1
-        positions = first + torch.arange(max_new_tokens, device=first.device)  # (B, steps)
-        cos, sin = LlamaTrunk.rope(self.base.rotary_emb, positions, hidden.dtype)  # (B, steps, D)
-        half = self.head_dim // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # rotate_half(x) * sin == roll(x) * this
-        self.cos, self.sin = cos.transpose(0, 1)[:, :, None], sin.transpose(0, 1)[:, :, None]  # (steps, B, 1, D)
+        positions = first + torch.arange(max_new_tokens, device=first.device)  # (B, steps), all < P + steps
+        cos, sin = self.plan.rope(positions, hidden.dtype, bound=P + max_new_tokens)  # (B, steps, 1, D)
+        self.cos, self.sin = cos.transpose(0, 1), sin.transpose(0, 1)  # (steps, B, 1, D)
         # keys and values as (B * n_kv, positions, D); attention bias 0 / -inf over the prompt's padding
         bias = torch.zeros(B, self.n_kv, 1, P + max_new_tokens, dtype=hidden.dtype, device=hidden.device)
         bias[..., :P].masked_fill_(~prompt_mask.bool()[:, None, None], float("-inf"))
@@ -159,9 +153,10 @@ class LlamaDecoder:
         x = F.embedding(token, self.base.embed_tokens.weight)  # (B, H)
         cos, sin = self.cos[i - self.prompt_len], self.sin[i - self.prompt_len]
         bias = self.bias[..., : i + 1]
-        for (ln1, w_qkv, b_qkv, wo_t, bo, ln2, w_gu, b_gu, act, wd_t, bd, scaling), keys, values in zip(
+        scaling = self.plan.spec.scaling
+        for (ln1, eps1, w_qkv, b_qkv, wo_t, bo, ln2, eps2, w_gu, b_gu, wd_t, bd), keys, values in zip(
                 self.layers, self.keys, self.values):
-            h = F.rms_norm(x, ln1.weight.shape, ln1.weight, ln1.variance_epsilon)
+            h = F.rms_norm(x, ln1.shape, ln1, eps1)
             qk, v = F.linear(h, w_qkv, b_qkv).split(self.split, dim=-1)
             qk = qk.view(B, nh + nkv, d)
             qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin).view(B, -1)  # RoPE on q and k at once
@@ -173,8 +168,8 @@ class LlamaDecoder:
                                    alpha=scaling)
             o = torch.bmm(torch.softmax(scores, dim=-1), values[:, : i + 1]).view(B, nq)
             x = torch.addmm(x, o, wo_t) if bo is None else torch.addmm(x + bo, o, wo_t)
-            g, u = F.linear(F.rms_norm(x, ln2.weight.shape, ln2.weight, ln2.variance_epsilon), w_gu, b_gu).chunk(2, -1)
-            a = act(g) * u
+            g, u = F.linear(F.rms_norm(x, ln2.shape, ln2, eps2), w_gu, b_gu).chunk(2, -1)
+            a = F.silu(g) * u  # fused_plan admits SiLU MLPs only
             x = torch.addmm(x, a, wd_t) if bd is None else torch.addmm(x + bd, a, wd_t)
         self.pos += 1
         return LlamaTrunk.rms_norm(x, self.base.norm)

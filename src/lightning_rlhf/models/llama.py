@@ -7,13 +7,14 @@ Two ways through the decoder layers, both the arithmetic of `LlamaModel.forward`
   and medium models a training step is bound by per-op cost, not by the matmuls: autograd's graph
   of a Llama layer has ~45 forward and ~75 backward nodes (views, RoPE halves, residuals, norms). The
   fused node runs the same matmuls, fewer elementwise kernels (RoPE as one roll and two multiplies,
-  silu' from the saved sigmoid) and no graph. It also skips work no output needs: with `n_last`, the last layer computes queries, the
-  output projection and the MLP only for the last `n_last` positions (the earlier ones enter it only
-  as keys and values). Equal to Hugging Face up to float rounding (an explicit softmax, the attention
+  silu' from the saved sigmoid) and no graph. It also skips work no output needs: with `n_last`, the
+  last layer computes queries, the output projection and the MLP only for the last `n_last`
+  positions (the earlier ones enter it only as keys and values). Equal to Hugging Face up to float rounding (an explicit softmax, the attention
   scale folded into the query rotation); tested against its forward and autograd's gradients.
 
 `fused_plan` says when the fused path is taken (fp32 weights and no autocast; when training,
-attention probabilities small enough to keep for the backward); `models.policy.trunk_hidden_states` dispatches.
+attention probabilities small enough to keep for the backward); `models.policy.trunk_hidden_states`
+dispatches.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
 
-from torch import nn
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that count only real tokens, so a left-padded row starts at 0. (B, L) -> (B, L) long."""
@@ -171,13 +172,6 @@ def fused_applies(lm: nn.Module, batch: int, length: int, grad: bool) -> bool:
     return fused_plan(lm, batch, length, grad) is not None
 
 
-def _parts(layer) -> tuple:
-    """A layer's modules in the order `layers_forward` takes their parameters (norms, then projections)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    return (layer.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.post_attention_layernorm,
-            mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-
-
 def _snapshot(base) -> list:
     """Every layer's modules and their weight and bias objects, read straight from the modules' dicts
     (attribute access through nn.Module.__getattr__ costs ~0.4 us a read, this ~3 us a layer)."""
@@ -192,13 +186,13 @@ def _snapshot(base) -> list:
     return out
 
 
-def layer_weights(base) -> list[torch.Tensor | None]:
-    """Every layer's parameters in the order `layers_forward` takes them (biases may be None)."""
+def layer_weights(snapshot: list) -> list[torch.Tensor | None]:
+    """The parameters of a `_snapshot` in the order `layers_forward` takes them: per layer ln1, (w, b)
+    of q, k, v, o, ln2, (w, b) of gate, up, down (biases may be None; the norms have none)."""
     out = []
-    for layer in base.layers:
-        ln1, q, k, v, o, ln2, g, u, d = _parts(layer)
-        out += (ln1.weight, q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight, o.bias,
-                ln2.weight, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias)
+    for j in range(0, len(snapshot), 3):
+        _, weight, bias = snapshot[j:j + 3]
+        out += (weight,) if (j // 3) % 9 in (0, 5) else (weight, bias)  # 0, 5: the two norms of a layer
     return out
 
 
@@ -222,7 +216,7 @@ class Plan:
 
     def __init__(self, base):
         self.snapshot = _snapshot(base)
-        self.weights = layer_weights(base)
+        self.weights = layer_weights(self.snapshot)
         self.spec = spec_of(base)
         self.rotary, self.inv_freq = base.rotary_emb, base.rotary_emb.inv_freq
         self.silu = all(type(layer.mlp.act_fn).__name__ in SILU for layer in base.layers)
@@ -237,12 +231,17 @@ class Plan:
             return False
         return len(snapshot) == len(self.snapshot) and all(a is b for a, b in zip(snapshot, self.snapshot))
 
-    def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, signed sin (B, L, 1, D) for positions (B, L), from a table of every position so far."""
-        need = positions.shape[-1]  # position ids count valid tokens: always below the length
+    def rope(self, positions: torch.Tensor, dtype, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin (B, L, 1, D) for positions (B, L), from a table of every position so far.
+
+        `bound`: an upper bound of the positions (exclusive); by default L, as position ids that count
+        a row's valid tokens stay below its length.
+        """
+        need = positions.shape[-1] if bound is None else bound
         inv_freq = self.rotary.inv_freq
-        if self._cos is None or self._cos.shape[0] < need or self._cos.dtype != dtype or self._cos.device != inv_freq.device:
-            size = max(need, 2 * (self._cos.shape[0] if self._cos is not None else 64))
+        cached = self._cos
+        if cached is None or cached.shape[0] < need or cached.dtype != dtype or cached.device != inv_freq.device:
+            size = max(need, 2 * (cached.shape[0] if cached is not None else 64))
             cos, sin = LlamaTrunk.rope(self.rotary, torch.arange(size, device=inv_freq.device), dtype)
             half = sin.shape[-1] // 2
             self._cos, self._sin = cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
@@ -294,6 +293,11 @@ def _linear_backward(dy, x, w, need_w: bool, need_b: bool, dx=None):
     db = dy.sum(0) if need_b else None
     dx = dy @ w if dx is None else dx.addmm_(dy, w)
     return dx, dw, db
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., F) -> (N, F)."""
+    return t.reshape(-1, t.shape[-1])
 
 
 def layers_forward(x, cos, sin, mask_bias, spec: Spec, n_last: int, weights, saved: list | None = None,
@@ -370,17 +374,16 @@ class _LlamaLayers(torch.autograd.Function):
             ln1, wq, bq, wk, bk, wv, bv, wo, bo, ln2, wg, bg, wu, bu, wd, bd = w
             x, r1, h1, q, k, v, p, o, x2, r2, h2, sig, u, sg, a = ctx.layers[li]
             L, Lq = x.shape[1], x2.shape[1]
-            rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
             lg = [None] * PER_LAYER
             # MLP: x3 = x2 + (silu(g) * u) Wd^T, g = h2 Wg^T, u = h2 Wu^T
-            da, lg[14], lg[15] = _linear_backward(dy, rows(a), wd, nd[14], nd[15])
-            dg = (da * rows(u)).mul_(torch.addcmul(rows(sg), rows(sig), 1 - rows(sg)))  # silu' = s (1 - silu) + silu
-            dh2, lg[10], lg[11] = _linear_backward(dg, rows(h2), wg, nd[10], nd[11])
-            dh2, lg[12], lg[13] = _linear_backward(da.mul_(rows(sg)), rows(h2), wu, nd[12], nd[13], dh2)
-            dx2, lg[9] = rms_norm_backward(dh2, rows(x2), rows(r2), ln2, nd[9])
+            da, lg[14], lg[15] = _linear_backward(dy, _rows(a), wd, nd[14], nd[15])
+            dg = (da * _rows(u)).mul_(torch.addcmul(_rows(sg), _rows(sig), 1 - _rows(sg)))  # silu' = s (1 - silu) + silu
+            dh2, lg[10], lg[11] = _linear_backward(dg, _rows(h2), wg, nd[10], nd[11])
+            dh2, lg[12], lg[13] = _linear_backward(da.mul_(_rows(sg)), _rows(h2), wu, nd[12], nd[13], dh2)
+            dx2, lg[9] = rms_norm_backward(dh2, _rows(x2), _rows(r2), ln2, nd[9])
             dx2 += dy
             # attention: x2 = x + softmax(q k^T + mask) v Wo^T
-            do, lg[7], lg[8] = _linear_backward(dx2, rows(o), wo, nd[7], nd[8])
+            do, lg[7], lg[8] = _linear_backward(dx2, _rows(o), wo, nd[7], nd[8])
             do = do.view(B, Lq, nh, d).transpose(1, 2)
             ke, ve = (k, v) if group == 1 else (k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
             dv = p.transpose(-1, -2) @ do  # (B, nh, L, d)
@@ -393,15 +396,15 @@ class _LlamaLayers(torch.autograd.Function):
             dq = rope_backward(dq.transpose(1, 2), cos_q[:, L - Lq:], sin_q[:, L - Lq:]).reshape(-1, nh * d)
             dk = rope_backward(dk.transpose(1, 2), cos, sin).reshape(-1, nkv * d)
             dv = dv.transpose(1, 2).reshape(-1, nkv * d)
-            h1r = rows(h1)
+            h1r = _rows(h1)
             dh1, lg[3], lg[4] = _linear_backward(dk, h1r, wk, nd[3], nd[4])
             dh1, lg[5], lg[6] = _linear_backward(dv, h1r, wv, nd[5], nd[6], dh1)
-            h1q = h1r if Lq == L else rows(h1[:, L - Lq:])
+            h1q = h1r if Lq == L else _rows(h1[:, L - Lq:])
             dh1q = dh1 if Lq == L else dh1.view(B, L, -1)[:, L - Lq:]
             dh1q, lg[1], lg[2] = _linear_backward(dq, h1q, wq, nd[1], nd[2], dh1q if Lq == L else None)
             if Lq != L:
                 dh1.view(B, L, -1)[:, L - Lq:] += dh1q.view(B, Lq, -1)
-            dx, lg[0] = rms_norm_backward(dh1, rows(x), rows(r1), ln1, nd[0])
+            dx, lg[0] = rms_norm_backward(dh1, _rows(x), _rows(r1), ln1, nd[0])
             if Lq == L:
                 dx += dx2
             else:
