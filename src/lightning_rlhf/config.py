@@ -198,6 +198,10 @@ class DataConfig:
         return "data.prompts", None
 
 
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
 @dataclass
 class LossConfig:
     clip_eps: float = 0.2
@@ -221,11 +225,101 @@ class LossConfig:
         _check(self.kl_coef >= 0, "loss.kl_coef", "must be >= 0", self.kl_coef)
         _check(self.kl_target is None or self.kl_target > 0, "loss.kl_target", "must be > 0 or null", self.kl_target)
         _check(self.kl_horizon > 0, "loss.kl_horizon", "must be > 0", self.kl_horizon)
-        _choice("loss.kl_estimator", self.kl_estimator, ("k1", "k3"))
+        _choice("loss.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _check(0.0 <= self.gamma <= 1.0, "loss.gamma", "must be in [0, 1]", self.gamma)
         _check(0.0 <= self.lam <= 1.0, "loss.lam", "must be in [0, 1]", self.lam)
         _check(self.early_stop_kl is None or self.early_stop_kl > 0, "loss.early_stop_kl", "must be > 0 or null",
                self.early_stop_kl)
+
+
+def _check_target(key: str, spec: Any) -> None:
+    """spec is a Hydra `_target_` dict whose target imports (checked before any model loads)."""
+    _check(isinstance(spec, dict) and isinstance(spec.get("_target_"), str), f"{key}._target_",
+           "must name a function or class (a Hydra _target_)", spec)
+    import importlib
+
+    module, _, name = spec["_target_"].rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), name) if module else None
+    except ImportError as err:
+        raise ConfigError(f"{key}._target_: cannot import {spec['_target_']!r} ({err})") from None
+    except AttributeError:
+        target = None
+    _check(callable(target), f"{key}._target_", f"no callable {name!r} in module {module!r}", spec["_target_"])
+
+
+GAE = {"_target_": "lightning_rlhf.advantages.gae_advantages", "_partial_": True,
+       "gamma": "${loss.gamma}", "lam": "${loss.lam}", "whiten": "${loss.whiten_advantages}"}
+POLICY_LOSS = {"_target_": "lightning_rlhf.losses.policy_loss", "_partial_": True}
+GROUP_ESTIMATORS = ("group_relative_advantages",)
+
+
+@dataclass
+class KLConfig:
+    """Where the KL to the reference goes; its coefficient is loss.kl_coef (and loss.kl_target)."""
+
+    placement: str = "reward"  # reward: -kl_coef * KL_t in the token rewards | loss: + kl_coef * agg(KL) | none
+    estimator: Optional[str] = None  # k1 | k2 | k3; null -> loss.kl_estimator
+
+    def resolved_estimator(self, loss: "LossConfig") -> str:
+        return self.estimator or loss.kl_estimator
+
+    def check(self) -> None:
+        _choice("algorithm.kl.placement", self.placement, ("reward", "loss", "none"))
+        _choice("algorithm.kl.estimator", self.estimator, (None, *KL_ESTIMATORS))
+
+
+@dataclass
+class AlgorithmConfig:
+    """The online RL algorithm as a set of choices (conf/algorithm/NAME.yaml states what differs).
+
+    `advantage` and `policy_loss` are Hydra `_target_` dicts (with `_partial_: true`): the advantage
+    estimator `f(scores, token_rewards, mask, values, group_size, all_reduce, **kw) -> (advantages,
+    returns | None)` (advantages.py) and the policy loss with `losses.policy_loss`'s signature. A
+    `_target_` given in a config replaces the default dict instead of merging into it.
+    """
+
+    name: str = "ppo"
+    critic: bool = True  # a value head, trained with loss.vf_coef * the clipped value loss
+    group_size: int = 1  # samples per prompt, in consecutive rows
+    advantage: Any = field(default_factory=lambda: dict(GAE))
+    policy_loss: Any = field(default_factory=lambda: dict(POLICY_LOSS))
+    agg: str = "token-mean"  # how a loss matrix becomes a scalar: losses.aggregate_loss modes
+    kl: KLConfig = field(default_factory=KLConfig)
+    clip_eps_low: Optional[float] = None  # the ratio is clipped to [1 - low, 1 + high]; null -> loss.clip_eps
+    clip_eps_high: Optional[float] = None  # null -> the low value (symmetric)
+    zero_std: str = "keep"  # groups whose rewards are all equal: keep | filter (resample, DAPO's dynamic sampling)
+    max_sampling_rounds: int = 4  # zero_std=filter: rollouts per iteration at most
+    stage: Any = field(default_factory=lambda: {"_target_": "lightning_rlhf.stages.ppo.OnlineRLStage"})  # stage=ppo
+
+    def clip_range(self, loss: "LossConfig") -> tuple[float, float]:
+        low = loss.clip_eps if self.clip_eps_low is None else self.clip_eps_low
+        return low, low if self.clip_eps_high is None else self.clip_eps_high
+
+    def is_group_estimator(self) -> bool:
+        target = str(self.advantage.get("_target_", "")) if isinstance(self.advantage, dict) else ""
+        return target.rsplit(".", 1)[-1] in GROUP_ESTIMATORS or (
+            isinstance(self.advantage, dict) and self.advantage.get("baseline") == "group_mean")
+
+    def check(self) -> None:
+        _check(bool(self.name), "algorithm.name", "must be set", self.name)
+        _check(self.group_size >= 1, "algorithm.group_size", "must be >= 1", self.group_size)
+        _check_target("algorithm.advantage", self.advantage)
+        _check_target("algorithm.policy_loss", self.policy_loss)
+        _check_target("algorithm.stage", self.stage)
+        _choice("algorithm.agg", self.agg, AGGREGATIONS)
+        self.kl.check()
+        for key in ("clip_eps_low", "clip_eps_high"):
+            value = getattr(self, key)
+            _check(value is None or value > 0, f"algorithm.{key}", "must be > 0 or null", value)
+        _choice("algorithm.zero_std", self.zero_std, ("keep", "filter"))
+        _check(self.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds", "must be >= 1", self.max_sampling_rounds)
+        if self.is_group_estimator() or self.zero_std == "filter":
+            _check(self.group_size >= 2, "algorithm.group_size",
+                   "a group baseline (or zero_std=filter) needs at least 2 samples per prompt", self.group_size)
+        if str(self.advantage.get("_target_", "")).endswith(".gae_advantages"):
+            _check(self.critic, "algorithm.critic", "GAE needs a critic: set algorithm.critic=true or choose "
+                   "another algorithm.advantage", self.critic)
 
 
 @dataclass
@@ -255,20 +349,27 @@ class PPOTrainConfig:
     max_grad_norm: Optional[float] = 1.0
     rollout_micro_batch_size: int = 64  # sequences per no-grad forward in the rollout
 
-    def check(self) -> None:
+    def check(self, group_size: int = 1) -> None:
         for key in ("iterations", "rollout_batch_size", "minibatch_size", "micro_batch_size", "epochs",
                     "rollout_micro_batch_size"):
             _check(getattr(self, key) > 0, f"trainer.ppo.{key}", "must be > 0", getattr(self, key))
-        _check(self.rollout_batch_size % self.minibatch_size == 0, "trainer.ppo.minibatch_size",
-               f"must divide trainer.ppo.rollout_batch_size={self.rollout_batch_size}", self.minibatch_size)
+        what = f"trainer.ppo.rollout_batch_size={self.rollout_batch_size}"
+        if group_size > 1:
+            what += f" x algorithm.group_size={group_size} sequences"
+        _check(self.rollout_sequences(group_size) % self.minibatch_size == 0, "trainer.ppo.minibatch_size",
+               f"must divide {what}", self.minibatch_size)
         _check(self.minibatch_size % self.micro_batch_size == 0, "trainer.ppo.micro_batch_size",
                f"must divide trainer.ppo.minibatch_size={self.minibatch_size}", self.micro_batch_size)
         _check(self.lr > 0, "trainer.ppo.lr", "must be > 0", self.lr)
         _check(self.max_grad_norm is None or self.max_grad_norm > 0, "trainer.ppo.max_grad_norm",
                "must be > 0 or null", self.max_grad_norm)
 
-    def minibatches_per_epoch(self) -> int:
-        return self.rollout_batch_size // self.minibatch_size
+    def rollout_sequences(self, group_size: int = 1) -> int:
+        """Sequences per iteration (per rank): every prompt sampled `group_size` times."""
+        return self.rollout_batch_size * group_size
+
+    def minibatches_per_epoch(self, group_size: int = 1) -> int:
+        return self.rollout_sequences(group_size) // self.minibatch_size
 
 
 @dataclass
@@ -314,8 +415,8 @@ class TrainerConfig:
     log_every: int = 1
     enable_progress_bar: bool = True
 
-    def check(self) -> None:
-        self.ppo.check(), self.sft.check(), self.rm.check()
+    def check(self, group_size: int = 1) -> None:
+        self.ppo.check(group_size), self.sft.check(), self.rm.check()
         _check(self.eval_every >= 0, "trainer.eval_every", "must be >= 0", self.eval_every)
         _check(self.log_every > 0, "trainer.log_every", "must be > 0", self.log_every)
 
@@ -451,6 +552,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -462,9 +564,10 @@ class RunConfig:
 
     def check(self) -> None:
         _choice("stage", self.stage, ("ppo", "sft", "rm", "pipeline"))
-        for section in (self.model, self.reward, self.data, self.loss, self.generation, self.trainer,
+        for section in (self.model, self.reward, self.data, self.loss, self.algorithm, self.generation,
                         self.hardware, self.logger, self.checkpoint, self.cache):
             section.check()
+        self.trainer.check(self.algorithm.group_size)
         if self.resume not in (None, "auto"):
             _check(Path(self.resume).expanduser().exists(), "resume", "checkpoint not found (or use auto)",
                    self.resume)
@@ -478,6 +581,9 @@ class RunConfig:
                    "'config' builds the reward model from model.config, which is not set", self.trainer.rm.init)
 
 
+TARGET_KEYS = ("algorithm.advantage", "algorithm.policy_loss", "algorithm.stage")
+
+
 def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or "config"
     msg = str(err).splitlines()[0]
@@ -489,7 +595,12 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     try:
         container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
         container = {k: v for k, v in container.items() if k != "hydra"}
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), container)
+        schema = OmegaConf.structured(RunConfig)
+        for key in TARGET_KEYS:  # a new _target_ replaces the default's arguments, never merges with them
+            given = OmegaConf.select(OmegaConf.create(container), key, default=None)
+            if isinstance(given, DictConfig) and "_target_" in given:
+                OmegaConf.update(schema, key, {}, merge=False)
+        merged = OmegaConf.merge(schema, container)
         run_cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_format_omegaconf_error(err)) from None

@@ -1,36 +1,58 @@
-"""The Experience a rollout produced: everything the PPO update needs, with no gradients attached."""
+"""The Experience a rollout produced: everything an online update needs, with no gradients attached.
+
+Every field declares its axes in its metadata ("BP": prompt columns, "BT": response columns, "B": one
+value per row), so that row selection and trimming never guess from names. Fields that only some
+algorithms have (the critic's, the advantages before the estimator ran) are optional.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
 
 import torch
 
 
+def _axes(axes: str, optional: bool = False):
+    return field(default=None, metadata={"axes": axes}) if optional else field(metadata={"axes": axes})
+
+
 @dataclass
 class Experience:
-    """One rollout batch. B = rollout batch, P = prompt length (left padded), T = response length."""
+    """One rollout batch. B = sequences, P = prompt length (left padded), T = response length.
 
-    prompt_ids: torch.Tensor  # (B, P) long, left padded
-    prompt_mask: torch.Tensor  # (B, P) bool, True on real prompt tokens
-    response_ids: torch.Tensor  # (B, T) long, right padded after EOS
-    response_mask: torch.Tensor  # (B, T) bool, True on response tokens up to and including EOS
-    old_logprobs: torch.Tensor  # (B, T) fp32, log pi_old(a_t|s_t) at the sampling temperature
-    ref_logprobs: torch.Tensor  # (B, T) fp32, log pi_ref(a_t|s_t) at the sampling temperature
-    old_values: torch.Tensor  # (B, T) fp32, V_old(s_t)
-    scores: torch.Tensor  # (B,) fp32, processed sequence-level reward (clipped/normalised/penalised)
-    raw_scores: torch.Tensor  # (B,) fp32, reward before processing
-    kl: torch.Tensor  # (B, T) fp32, per-token KL estimate used in the reward
-    rewards: torch.Tensor  # (B, T) fp32, -kl_coef * kl + score on the last valid token
-    advantages: torch.Tensor  # (B, T) fp32, GAE advantages, whitened over valid tokens
-    returns: torch.Tensor  # (B, T) fp32, GAE returns (value targets)
+    Rows of one prompt's group are consecutive: rows g * G .. g * G + G - 1 share `group_index` g.
+    """
+
+    prompt_ids: torch.Tensor = _axes("BP")  # (B, P) long, left padded
+    prompt_mask: torch.Tensor = _axes("BP")  # (B, P) bool, True on real prompt tokens
+    response_ids: torch.Tensor = _axes("BT")  # (B, T) long, right padded after EOS
+    response_mask: torch.Tensor = _axes("BT")  # (B, T) bool, True on response tokens up to and including EOS
+    old_logprobs: torch.Tensor = _axes("BT")  # (B, T) fp32, log pi_old(a_t|s_t) at the sampling temperature
+    ref_logprobs: torch.Tensor = _axes("BT")  # (B, T) fp32, log pi_ref(a_t|s_t) at the sampling temperature
+    scores: torch.Tensor = _axes("B")  # (B,) fp32, processed sequence-level reward (clipped/normalised/penalised)
+    raw_scores: torch.Tensor = _axes("B")  # (B,) fp32, reward before processing
+    kl: torch.Tensor = _axes("BT")  # (B, T) fp32, per-token KL estimate log pi_old - log pi_ref (k1/k2/k3)
+    group_index: torch.Tensor = _axes("B")  # (B,) long, the prompt (group) each row was sampled for
+    old_values: Optional[torch.Tensor] = _axes("BT", optional=True)  # (B, T) fp32, V_old(s_t); critic only
+    rewards: Optional[torch.Tensor] = _axes("BT", optional=True)  # (B, T) fp32, score on the last token (- kl_coef * kl)
+    advantages: Optional[torch.Tensor] = _axes("BT", optional=True)  # (B, T) fp32, from the estimator
+    returns: Optional[torch.Tensor] = _axes("BT", optional=True)  # (B, T) fp32, value targets; critic only
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
 
+    def _map(self, fn) -> "Experience":
+        """A new Experience with fn(tensor, axes) applied to every field that is set."""
+        return Experience(**{f.name: None if (x := getattr(self, f.name)) is None else fn(x, f.metadata["axes"])
+                             for f in fields(self)})
+
     def select(self, index: torch.Tensor) -> "Experience":
         """Rows `index` (a (b,) long tensor) of every field, as a new Experience."""
-        return Experience(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return self._map(lambda x, axes: x[index])
+
+    def with_(self, **changes) -> "Experience":
+        return replace(self, **changes)
 
     def trimmed(self) -> "Experience":
         """Drop the all-padding prompt columns on the left and response columns on the right."""
@@ -38,12 +60,28 @@ class Experience:
         t_keep = self.response_mask.any(dim=0).nonzero()
         p0 = int(p_keep[0]) if len(p_keep) else self.prompt_mask.shape[1]
         t1 = int(t_keep[-1]) + 1 if len(t_keep) else 1
+        cut = {"BP": lambda x: x[:, p0:], "BT": lambda x: x[:, :t1], "B": lambda x: x}
+        return self._map(lambda x, axes: cut[axes](x))
+
+    @staticmethod
+    def cat(parts: list["Experience"]) -> "Experience":
+        """Rows of several experiences (same fields set), prompt columns left padded to one width and
+        response columns right padded to one length."""
         out = {}
-        for f in fields(self):
-            x = getattr(self, f.name)
-            if f.name.startswith("prompt_"):
-                x = x[:, p0:]
-            elif x.dim() == 2:
-                x = x[:, :t1]
-            out[f.name] = x
+        for f in fields(Experience):
+            xs = [getattr(p, f.name) for p in parts]
+            if xs[0] is None:
+                out[f.name] = None
+                continue
+            axes = f.metadata["axes"]
+            if axes != "B":
+                width = max(x.shape[1] for x in xs)
+                xs = [_pad(x, width, left=axes == "BP") for x in xs]
+            out[f.name] = torch.cat(xs)
         return Experience(**out)
+
+
+def _pad(x: torch.Tensor, width: int, left: bool) -> torch.Tensor:
+    """(B, L) -> (B, width) with zero (False) columns on the left or the right: masked out everywhere."""
+    filler = torch.zeros((x.shape[0], width - x.shape[1]), dtype=x.dtype, device=x.device)
+    return torch.cat([filler, x] if left else [x, filler], dim=1)

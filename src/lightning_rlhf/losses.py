@@ -1,14 +1,64 @@
-"""Pure PPO loss functions over (B, T) response tokens. Each loss returns ``(loss, stats)``.
+"""Pure policy-gradient loss functions over (B, T) response tokens. Each loss returns ``(loss, stats)``.
 
-Losses are minimised and are token-level masked means over the batch. ``mask`` is True on valid
-response tokens; padded positions may hold garbage and never leak into a result.
+Losses are minimised; how a (B, T) loss matrix becomes a scalar is the ``agg`` mode of
+`aggregate_loss` (token-level masked mean by default). ``mask`` is True on valid response tokens;
+padded positions may hold garbage and never leak into a result.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from lightning_rlhf.advantages import masked_mean, masked_var
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def aggregate_loss(
+    loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, max_len: Optional[int] = None
+) -> torch.Tensor:
+    """Reduce a per-token loss to a scalar. loss_mat, mask: (B, T) -> scalar.
+
+        token-mean:              sum of valid tokens / their count                  (0 if none)
+        seq-mean-token-mean:     mean over sequences of each sequence's token mean
+        seq-mean-token-sum:      mean over sequences of each sequence's token sum
+        seq-mean-token-sum-norm: sum of valid tokens / (B * max_len)                (Dr. GRPO; max_len = T)
+    In the seq-mean modes a row with no valid token is not a sequence: it is left out of the mean.
+    """
+    mask = mask.bool()
+    if mode == "token-mean":
+        return masked_mean(loss_mat, mask)
+    # torch.where (not loss_mat * mask): inf/nan in the padding must become exactly 0
+    token_sums = torch.where(mask, loss_mat, torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device)).sum(1)
+    if mode == "seq-mean-token-sum-norm":
+        return token_sums.sum() / (mask.shape[0] * (mask.shape[1] if max_len is None else max_len))
+    n_tokens = mask.sum(dim=1)  # (B,)
+    n_seqs = (n_tokens > 0).sum().clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        return (token_sums / n_tokens.clamp(min=1)).sum() / n_seqs
+    if mode == "seq-mean-token-sum":
+        return token_sums.sum() / n_seqs
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {AGG_MODES}")
+
+
+def aggregation_count(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """What `aggregate_loss(., mask, mode)` divides by. mask: (B, T) -> scalar long.
+
+    Valid tokens (token-mean), non-empty rows (seq-mean-token-mean / -sum) or all rows B
+    (seq-mean-token-sum-norm). Weighting each micro-batch's loss by its count over the full batch's
+    count makes gradient accumulation exact:
+        sum_k aggregate_loss(x_k, m_k, mode) * count(m_k) / count(m) == aggregate_loss(x, m, mode)
+    """
+    mask = mask.bool()
+    if mode == "token-mean":
+        return mask.sum()
+    if mode in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        return mask.any(dim=1).sum()
+    if mode == "seq-mean-token-sum-norm":
+        return torch.tensor(mask.shape[0], device=mask.device)
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {AGG_MODES}")
 
 
 class _TokenLogProbs(torch.autograd.Function):
@@ -61,14 +111,17 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     """Per-token estimate of KL(pi || pi_ref) from samples of pi. (B, T), (B, T) -> (B, T).
 
     k1: log r with log r = logprobs - ref_logprobs (unbiased, can be negative);
+    k2: 0.5 * (log r)^2 (biased, always >= 0, low variance; its gradient is that of the true KL);
     k3: (exp(-log r) - 1) + log r (unbiased, always >= 0, lower variance; Schulman 2020).
     """
     log_ratio = logprobs.float() - ref_logprobs.float()
     if estimator == "k1":
         return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1' or 'k3'")
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
 
 
 def policy_loss(
@@ -77,27 +130,49 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
+    clip_eps_high: Optional[float] = None,
+    ratio_level: str = "token",
+    agg: str = "token-mean",
+    max_len: Optional[int] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss. All inputs (B, T) -> scalar loss, stats.
 
-    loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
-    stats: clipfrac (share of valid tokens where the clipped term was taken), approx_kl
-    (masked mean of the k3 estimate of KL(pi_old || pi)), ratio (mean ratio).
+    loss = aggregate_loss(max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high)), agg)
+    clip_eps_high: DAPO's clip-higher (None = clip_eps).
+    ratio_level "token": ratio = pi / pi_old per token (PPO);
+                "sequence": GSPO, one ratio per sequence s_i = exp(mean_t log(pi / pi_old)) against
+                the row's mean advantage; the sequence's loss sits on each of its valid tokens.
+    stats (token-level masked means, whatever agg): clipfrac (share of valid tokens where the clipped
+    term was taken) = clipfrac_low (ratio below 1 - clip_eps, A < 0) + clipfrac_high (ratio above
+    1 + clip_eps_high, A > 0), approx_kl (k3 estimate of KL(pi_old || pi) per token), ratio (mean ratio).
     """
     mask = mask.bool()
+    clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     # zero the padding first: garbage there must not reach the gradient (0 * inf = nan)
     log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
     advantages = torch.where(mask, advantages, torch.zeros_like(advantages))
-    ratio = torch.exp(log_ratio)
+    if ratio_level == "sequence":
+        # (B, 1): the geometric mean of the row's token ratios and the row's advantage
+        n_tokens = mask.sum(dim=1, keepdim=True).clamp(min=1)
+        log_ratio_pg = log_ratio.sum(dim=1, keepdim=True) / n_tokens
+        advantages = advantages.sum(dim=1, keepdim=True) / n_tokens
+    elif ratio_level == "token":
+        log_ratio_pg = log_ratio
+    else:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; expected 'token' or 'sequence'")
+    ratio = torch.exp(log_ratio_pg)  # (B, T) or (B, 1)
     pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    pg_loss = torch.maximum(pg_loss1, pg_loss2)
-    loss = masked_mean(pg_loss, mask)
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)
+    pg_loss = torch.maximum(pg_loss1, pg_loss2).expand_as(mask)
+    loss = aggregate_loss(pg_loss, mask, agg, max_len)
     with torch.no_grad():
+        clipped = (pg_loss2 > pg_loss1).expand_as(mask)
         stats = {
-            "clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
+            "clipfrac": masked_mean(clipped.float(), mask),
+            "clipfrac_low": masked_mean((clipped & (ratio < 1.0 - clip_eps)).float(), mask),
+            "clipfrac_high": masked_mean((clipped & (ratio > 1.0 + clip_eps_high)).float(), mask),
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
-            "ratio": masked_mean(ratio, mask),
+            "ratio": masked_mean(ratio.expand_as(mask), mask),
         }
     return loss, stats
 
@@ -108,10 +183,12 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
+    agg: str = "token-mean",
+    max_len: Optional[int] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss. All inputs (B, T) -> scalar loss, stats.
 
-    loss = 0.5 * masked_mean(max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2))
+    loss = 0.5 * aggregate_loss(max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2), agg)
     stats: clipfrac (share of valid tokens where the clipped error was the larger).
     """
     mask = mask.bool()
@@ -121,7 +198,7 @@ def value_loss(
     v_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     v_loss_unclipped = (values - returns) ** 2
     v_loss_clipped = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(v_loss_unclipped, v_loss_clipped), mask)
+    loss = 0.5 * aggregate_loss(torch.maximum(v_loss_unclipped, v_loss_clipped), mask, agg, max_len)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((v_loss_clipped > v_loss_unclipped).float(), mask)}
     return loss, stats
@@ -161,6 +238,7 @@ class _ClippedPPOLoss(torch.autograd.Function):
         stats = torch.stack([
             pg_loss, vf_loss, pg_clipped.sum() / n, (torch.expm1(log_ratio) - log_ratio).sum() / n,
             torch.where(mask, ratio, zero).sum() / n, vf_clipped.sum() / n,
+            (pg_clipped & (adv < 0)).sum() / n, (pg_clipped & (adv > 0)).sum() / n,  # clipped below / above
         ])
         ctx.mark_non_differentiable(stats)
         return pg_loss + vf_coef * vf_loss, stats
@@ -185,12 +263,14 @@ def clipped_ppo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """policy_loss + vf_coef * value_loss, both token-level masked means, as one fused op. All (B, T).
 
-    -> loss, stats: policy_loss, value_loss, clipfrac, approx_kl, ratio (as `policy_loss`) and
-    value_clipfrac (as `value_loss`'s clipfrac); the same numbers and gradients as the two functions.
+    -> loss, stats: policy_loss, value_loss, clipfrac, clipfrac_low, clipfrac_high, approx_kl, ratio (as
+    `policy_loss`) and value_clipfrac (as `value_loss`'s clipfrac); the same numbers and gradients as the
+    two functions.
     """
     loss, s = _ClippedPPOLoss.apply(logprobs, values.to(logprobs.dtype), old_logprobs, advantages, old_values, returns,
                                     mask.bool(), clip_eps, value_clip_eps, vf_coef)
-    names = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio", "value_clipfrac")
+    names = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio", "value_clipfrac", "clipfrac_low",
+             "clipfrac_high")
     return loss, dict(zip(names, s.unbind()))
 
 

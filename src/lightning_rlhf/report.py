@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from lightning_rlhf.stages.common import read_csv
+from lightning_rlhf.metrics import read_csv
 
 CURVES = {  # file name -> (title, training-metric column, evaluation column)
     "proxy_reward": ("Proxy reward (learned RM)", "objective/score", "val/proxy_reward"),

@@ -1,10 +1,16 @@
-"""Phase 1 of a PPO iteration: generate, score, and build the Experience. No grad, no optimizer."""
+"""Phase 1 of an online RL iteration: generate, score, and build the Experience. No grad, no optimizer.
+
+The rollout produces samples, log-probs, scores and the KL (`collect_rollout`); the configured
+advantage estimator then turns them into advantages (`assign_advantages`).
+"""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from lightning_rlhf.advantages import compute_gae, masked_mean, masked_whiten, shape_rewards
+from lightning_rlhf.advantages import gae_advantages, masked_mean, shape_rewards
 from lightning_rlhf.config import GenerationConfig, LossConfig
 from lightning_rlhf.experience import Experience
 from lightning_rlhf.losses import entropy_from_logits, kl_penalty, logprobs_from_logits
@@ -51,7 +57,7 @@ def sample_with_logprobs(policy, prompt_ids, prompt_mask, gen: GenerationConfig,
     """
     out = sample(
         policy.lm, prompt_ids, prompt_mask, gen.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-        gen.temperature, gen.top_k, gen.top_p, with_logprobs=True, value_head=policy.value_head,
+        gen.temperature, gen.top_k, gen.top_p, with_logprobs=True, value_head=policy.value_head,  # None: no critic
     )
     response_mask = response_mask_from_ids(out.response_ids, tokenizer.eos_token_id)
     return out.response_ids, response_mask, out.logprobs, out.values, out.entropy
@@ -72,6 +78,79 @@ def reference_logprobs(ref, seqs: Sequences, response_ids, temperature: float, m
     return torch.cat(outs)
 
 
+def group_stats(scores: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """rollout/group_reward_std (mean over groups of the scores' std) and rollout/zero_std_frac (share of
+    groups whose samples all got the same score). scores (B,) in groups of consecutive rows."""
+    if group_size < 2:
+        return {}
+    groups = scores.view(-1, group_size)
+    return {"rollout/group_reward_std": groups.std(dim=1).mean(),
+            "rollout/zero_std_frac": (groups.amax(1) == groups.amin(1)).float().mean()}
+
+
+@torch.no_grad()
+def collect_rollout(
+    policy,
+    ref,
+    reward,
+    score_processor: ScoreProcessor,
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    gen: GenerationConfig,
+    kl_estimator: str,
+    micro_batch_size: int,
+    group_size: int = 1,
+    all_reduce=None,
+) -> tuple[Experience, dict[str, torch.Tensor]]:
+    """Roll out the policy `group_size` times on each prompt of a batch (N, P): samples, log-probs,
+    values (with a critic), reference log-probs, scores and the per-token KL, as an Experience of
+    B = N * group_size rows (a prompt's samples consecutive) without advantages, and rollout metrics.
+
+    Score normalisation is global over ranks when `all_reduce` (a sum over ranks) is given.
+    """
+    if group_size > 1:
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0)
+    response_ids, response_mask, logprobs, values, entropy = sample_with_logprobs(
+        policy, prompt_ids, prompt_mask, gen, tokenizer
+    )
+    seqs = Sequences(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer)
+    with torch.inference_mode():  # frozen models: no autograd bookkeeping at all (~15% off their forwards)
+        ref_lp = reference_logprobs(ref, seqs, response_ids, gen.temperature, micro_batch_size)
+        raw_scores = reward(seqs).float()
+    ref_lp, raw_scores = ref_lp.clone(), raw_scores.clone()  # ordinary tensors again, safe under autograd
+    has_eos = ((response_ids == tokenizer.eos_token_id) & response_mask).any(dim=1)
+    scores = score_processor(raw_scores, has_eos, all_reduce)
+    kl = kl_penalty(logprobs, ref_lp, kl_estimator)
+    group_index = torch.arange(len(scores) // group_size, device=scores.device).repeat_interleave(group_size)
+    exp = Experience(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(), response_ids=response_ids,
+        response_mask=response_mask, old_logprobs=logprobs, ref_logprobs=ref_lp, old_values=values,
+        scores=scores, raw_scores=raw_scores, kl=kl, group_index=group_index,
+    )
+    mask_f = response_mask.float()
+    stats = {
+        "objective/score": raw_scores.mean(),
+        "objective/kl": (kl * mask_f).sum(1).mean(),
+        "objective/entropy": masked_mean(entropy, response_mask),
+        "rollout/response_len": mask_f.sum(1).mean(),
+        "rollout/eos_frac": has_eos.float().mean(),
+        **group_stats(scores, group_size),
+    }
+    return exp, stats
+
+
+def assign_advantages(exp: Experience, estimator, reward_kl_coef: float, group_size: int = 1,
+                      all_reduce=None) -> Experience:
+    """The token rewards (score on the last valid token, - reward_kl_coef * KL_t on every token when the
+    KL is placed in the reward) and what `estimator` (advantages.py's signature) makes of them."""
+    kl = exp.kl if reward_kl_coef else torch.zeros_like(exp.kl)  # a KL not in the reward must not reach it
+    rewards = shape_rewards(exp.scores, kl, exp.response_mask, reward_kl_coef)
+    advantages, returns = estimator(exp.scores, rewards, exp.response_mask, exp.old_values, group_size,
+                                    all_reduce=all_reduce)
+    return exp.with_(rewards=rewards, advantages=advantages, returns=returns)
+
+
 @torch.no_grad()
 def make_experience(
     policy,
@@ -87,39 +166,11 @@ def make_experience(
     micro_batch_size: int,
     all_reduce=None,
 ) -> tuple[Experience, dict[str, torch.Tensor]]:
-    """Roll out the policy on a prompt batch (B, P) and return the Experience and rollout metrics.
-
-    Statistics that normalise (advantage whitening, score normalisation) are global over ranks when
-    `all_reduce` (a sum over ranks) is given.
-    """
-    response_ids, response_mask, logprobs, values, entropy = sample_with_logprobs(
-        policy, prompt_ids, prompt_mask, gen, tokenizer
-    )
-    seqs = Sequences(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer)
-    with torch.inference_mode():  # frozen models: no autograd bookkeeping at all (~15% off their forwards)
-        ref_lp = reference_logprobs(ref, seqs, response_ids, gen.temperature, micro_batch_size)
-        raw_scores = reward(seqs).float()
-    ref_lp, raw_scores = ref_lp.clone(), raw_scores.clone()  # ordinary tensors again, safe under autograd
-    has_eos = ((response_ids == tokenizer.eos_token_id) & response_mask).any(dim=1)
-    scores = score_processor(raw_scores, has_eos, all_reduce)
-    kl = kl_penalty(logprobs, ref_lp, loss.kl_estimator)
-    rewards = shape_rewards(scores, kl, response_mask, kl_coef)
-    advantages, returns = compute_gae(rewards, values, response_mask, loss.gamma, loss.lam)
-    if loss.whiten_advantages:
-        advantages = masked_whiten(advantages, response_mask, all_reduce=all_reduce)
-    exp = Experience(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(), response_ids=response_ids,
-        response_mask=response_mask, old_logprobs=logprobs, ref_logprobs=ref_lp, old_values=values,
-        scores=scores, raw_scores=raw_scores, kl=kl, rewards=rewards, advantages=advantages, returns=returns,
-    )
-    mask_f = response_mask.float()
-    seq_kl = (kl * mask_f).sum(1)
-    stats = {
-        "objective/score": raw_scores.mean(),
-        "objective/kl": seq_kl.mean(),
-        "objective/rlhf_reward": (scores - kl_coef * seq_kl).mean(),
-        "objective/entropy": masked_mean(entropy, response_mask),
-        "rollout/response_len": mask_f.sum(1).mean(),
-        "rollout/eos_frac": has_eos.float().mean(),
-    }
+    """PPO's rollout in one call: `collect_rollout`, then GAE(loss.gamma, loss.lam) on the KL-shaped
+    rewards, whitened over the (global) batch when loss.whiten_advantages."""
+    exp, stats = collect_rollout(policy, ref, reward, score_processor, tokenizer, prompt_ids, prompt_mask, gen,
+                                 loss.kl_estimator, micro_batch_size, all_reduce=all_reduce)
+    gae = functools.partial(gae_advantages, gamma=loss.gamma, lam=loss.lam, whiten=loss.whiten_advantages)
+    exp = assign_advantages(exp, gae, kl_coef, all_reduce=all_reduce)
+    stats["objective/rlhf_reward"] = (exp.scores - kl_coef * (exp.kl * exp.response_mask).sum(1)).mean()
     return exp, stats

@@ -1,7 +1,8 @@
 """`rlhf-train`: compose the config with Hydra, validate it, run the selected stage(s).
 
-stage=sft | rm | ppo runs one stage; stage=pipeline (the default) runs SFT -> reward model -> PPO in
-one run folder and writes summary.json, plots/ and samples.md there. The pipeline takes SFT and the
+stage=sft | rm | ppo runs one stage (ppo: the algorithm's stage, `algorithm=`); stage=pipeline (the
+default) runs SFT -> reward model -> the algorithm in one run folder and writes summary.json, plots/
+and samples.md there (stages/base.py). The pipeline takes SFT and the
 reward model from the stage cache when an earlier run had the same inputs (cache.enabled).
 resume=auto continues PPO from the latest checkpoint. main() returns the summary value named by
 `optimized_metric` to a Hydra sweeper; inside a multirun a failing job is recorded as failed in its
@@ -27,18 +28,6 @@ from lightning_rlhf.config import ConfigError, RunConfig, validate
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("lightning_rlhf")
 
-# What summary.json holds for each stage (optimized_metric must be one of these)
-SUMMARY_KEYS = {
-    "sft": ("sft_loss", "sft_val_loss", "wall_s"),
-    "rm": ("rm_accuracy", "rm_gold_accuracy", "rm_val_loss", "num_pairs", "wall_s"),
-    "ppo": ("proxy_reward_initial", "proxy_reward_final", "kl_final", "gold_score_initial", "gold_score_final",
-            "wall_s"),
-    "pipeline": ("gold_score_sft", "gold_score_final", "gold_score_gain", "proxy_reward_sft", "proxy_reward_final",
-                 "kl_final", "rm_accuracy", "rm_gold_accuracy", "sft_val_loss", "wall_s_sft", "wall_s_rm",
-                 "wall_s_ppo", "wall_s_total"),
-}
-
-
 def _quiet_libraries() -> None:
     """Lightning's info lines (tips, 'GPU available') would print twice through Hydra's root logger."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
@@ -58,76 +47,24 @@ def _quiet_libraries() -> None:
 
 
 def check_optimized_metric(cfg: RunConfig) -> None:
+    from lightning_rlhf.stages.base import get_stage
+
     key = cfg.optimized_metric
     if key is None:
         return
-    if key not in SUMMARY_KEYS[cfg.stage]:
+    keys = get_stage(cfg, cfg.stage).summary_keys
+    if key not in keys:
         raise ConfigError(f"optimized_metric: {key!r} is not in the summary of stage={cfg.stage} "
-                          f"(one of {list(SUMMARY_KEYS[cfg.stage])}) (got {key!r})")
+                          f"(one of {list(keys)}) (got {key!r})")
     if key.startswith("gold_score") and cfg.data.gold is None:
         raise ConfigError(f"optimized_metric: {key} needs a gold scorer (data.gold) (got {key!r})")
 
 
 def _write_summary(folder: Path, summary: dict) -> None:
-    from lightning_rlhf.stages.common import write_json
+    from lightning_rlhf.metrics import write_json
 
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "summary.json", summary)
-
-
-def _finish_ppo(folder: Path, result: dict) -> dict:
-    """Plots and samples table of a PPO run; returns the summary fields (samples removed)."""
-    from lightning_rlhf.report import plot_curves, samples_table
-
-    samples = result.pop("samples")
-    (folder / "samples.md").write_text(samples_table(samples["initial"], samples["final"]))
-    plot_curves(folder / "metrics.csv", folder / "eval.csv", folder / "plots")
-    return result
-
-
-def _run_ppo(cfg: RunConfig, run_dir: Path, **paths) -> dict:
-    from lightning_rlhf.checkpointing import checkpoint_dir, find_resume_checkpoint, remember_run
-    from lightning_rlhf.stages.ppo import run_ppo
-
-    ckpt_path = find_resume_checkpoint(cfg)
-    if cfg.resume == "auto" and ckpt_path is None:
-        log.info("resume=auto: no checkpoint of this run yet, starting from the beginning")
-    if cfg.checkpoint.enabled:
-        remember_run(cfg, checkpoint_dir(cfg, run_dir))
-    return _finish_ppo(run_dir, run_ppo(cfg, run_dir, ckpt_path=ckpt_path, **paths))
-
-
-def _run_pipeline(cfg: RunConfig, run_dir: Path) -> dict:
-    from lightning_rlhf.stages.cache import run_stage, stage_key
-    from lightning_rlhf.stages.rm import run_rm
-    from lightning_rlhf.stages.sft import run_sft
-
-    sft_key = stage_key(cfg, "sft")
-    sft = run_stage(cfg, "sft", run_dir / "sft", lambda: run_sft(cfg, run_dir / "sft"), sft_key)
-    rm = run_stage(cfg, "rm", run_dir / "rm", lambda: run_rm(cfg, run_dir / "rm", policy_path=sft["model"]),
-                   stage_key(cfg, "rm", parent=sft_key))
-    ppo = _run_ppo(cfg, run_dir, policy_path=sft["model"], reward_path=rm["model"])
-    summary = {
-        "gold_score_sft": ppo.get("gold_score_initial"),
-        "gold_score_final": ppo.get("gold_score_final"),
-        "proxy_reward_sft": ppo["proxy_reward_initial"],
-        "proxy_reward_final": ppo["proxy_reward_final"],
-        "kl_final": ppo["kl_final"],
-        "rm_accuracy": rm["rm_accuracy"],
-        "rm_gold_accuracy": rm["rm_gold_accuracy"],
-        "sft_val_loss": sft["sft_val_loss"],
-        "wall_s_sft": sft["wall_s"],
-        "wall_s_rm": rm["wall_s"],
-        "wall_s_ppo": ppo["wall_s"],
-        "wall_s_total": sft["wall_s"] + rm["wall_s"] + ppo["wall_s"],
-        "stages_reused": [name for name, out in (("sft", sft), ("rm", rm)) if out.get("reused")],  # cache or resume
-        "resumed_from_iteration": ppo["resumed_from_iteration"],
-        "policy": ppo["policy"],
-        "reward_model": rm["model"],
-    }
-    if summary["gold_score_sft"] is not None:
-        summary["gold_score_gain"] = summary["gold_score_final"] - summary["gold_score_sft"]
-    return summary
 
 
 def train(cfg: RunConfig, config: Optional[dict] = None, job: Optional[dict] = None) -> dict:
@@ -137,22 +74,13 @@ def train(cfg: RunConfig, config: Optional[dict] = None, job: Optional[dict] = N
     Hydra job (experiment, sweep, name) for the tracker's group, tags and run name.
     """
     from lightning_rlhf import tracking
-    from lightning_rlhf.stages.rm import run_rm
-    from lightning_rlhf.stages.sft import run_sft
+    from lightning_rlhf.stages.base import get_stage
 
     job = job or {}
     run_dir = Path(cfg.run_dir)
     with tracking.wandb_run(cfg, config if config is not None else dataclasses.asdict(cfg), job.get("experiment"),
                             job.get("sweep"), job.get("name")):
-        if cfg.stage == "sft":
-            summary = run_sft(cfg, run_dir)
-        elif cfg.stage == "rm":
-            summary = run_rm(cfg, run_dir)
-        elif cfg.stage == "ppo":
-            summary = _run_ppo(cfg, run_dir)
-        else:
-            summary = _run_pipeline(cfg, run_dir)
-        summary = {"status": "completed", **summary}
+        summary = {"status": "completed", **get_stage(cfg, cfg.stage).run(cfg, run_dir)}
         _write_summary(run_dir, summary)
         tracking.log_summary(summary, sorted((run_dir / "plots").glob("*.png")) if cfg.logger.log_plots else [])
     return summary

@@ -14,6 +14,7 @@ import torch
 WORKER = Path(__file__).with_name("ppo_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 PHASES = ("ddp", "zero2", "zero3")
+GRPO_PHASES = ("ddp_grpo", "zero2_grpo")  # GRPO: group advantages, KL in the loss, seq-mean-token-mean
 
 
 def free_port() -> int:
@@ -35,22 +36,31 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-@pytest.fixture(scope="session")
-def single_process(tmp_path_factory) -> dict:
-    """The reference: the same worker phase on one process (in this process, one thread like the workers)."""
+def _single(tmp_path_factory, phase: str) -> dict:
     from tests.distributed.ppo_worker import run_phase
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_phase(tmp_path_factory.mktemp("single") / "cpu", "cpu", 1)
+        return run_phase(tmp_path_factory.mktemp("single") / phase, phase, 1)
     finally:
         torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
+def single_process(tmp_path_factory) -> dict:
+    """The reference: the same worker phase on one process (in this process, one thread like the workers)."""
+    return _single(tmp_path_factory, "cpu")
+
+
+@pytest.fixture(scope="session")
+def single_process_grpo(tmp_path_factory) -> dict:
+    return _single(tmp_path_factory, "cpu_grpo")
+
+
+@pytest.fixture(scope="session")
 def two_processes(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two_processes")
-    res = launch(out, PHASES, 2)
+    res = launch(out, PHASES + GRPO_PHASES, 2)
     assert res.returncode == 0, f"worker failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
     return out

@@ -2,8 +2,9 @@
 
     python tests/distributed/ppo_worker.py OUT_DIR PHASES DEVICES [ACCELERATOR PRECISION]
 
-PHASES is a comma-separated list of cpu | ddp | zero2 | zero3, run one after the other in the same
-processes (one process start-up for all: DeepSpeed reuses the process group DDP created). Lightning's
+PHASES is a comma-separated list of cpu | ddp | zero2 | zero3, each optionally with an algorithm
+suffix (`ddp_grpo`: GRPO from conf/algorithm/grpo.yaml, 2 samples per prompt; the default is PPO), run
+one after the other in the same processes (one process start-up for all: DeepSpeed reuses the process group DDP created). Lightning's
 own launcher starts the other ranks at the first fit (it re-runs this script), so every rank runs
 everything below. Each phase's fit has two training steps:
   0. replay: the PPO update (`PPOModule.ppo_update`) on a fixed global batch of experience, built
@@ -29,12 +30,12 @@ sys.path.insert(0, str(REPO))
 
 from lightning_rlhf.data.prompts import PromptBatches, encode_prompts, left_pad  # noqa: E402
 from lightning_rlhf.data.reviews import generate_prompts  # noqa: E402
-from lightning_rlhf.experience import Experience  # noqa: E402
 from lightning_rlhf.models.loading import load_causal_lm, load_tokenizer, sequence_classifier_from_causal_lm  # noqa: E402
 from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy  # noqa: E402
 from lightning_rlhf.models.reward import RewardModel, ScoreProcessor  # noqa: E402
 from lightning_rlhf.module import PPOModule  # noqa: E402
-from lightning_rlhf.rollout import make_experience  # noqa: E402
+from lightning_rlhf.algorithms.online import OnlineAlgorithm  # noqa: E402
+from lightning_rlhf.rollout import assign_advantages, collect_rollout, make_experience  # noqa: E402
 from lightning_rlhf.stages.common import build_trainer  # noqa: E402
 from tests.conftest import tiny_run_config  # noqa: E402
 
@@ -61,7 +62,8 @@ class ReplayThenTrain(PPOModule):
         self.dump: dict = {"steps": []}
 
     def ppo_update(self, exp):
-        self.dump.setdefault("experiences", []).append({k: v.detach().cpu() for k, v in vars(exp).items()})
+        self.dump.setdefault("experiences", []).append({k: v.detach().cpu() for k, v in vars(exp).items()
+                                                        if v is not None})
         return super().ppo_update(exp)
 
     def on_fit_start(self) -> None:
@@ -98,7 +100,7 @@ class ReplayThenTrain(PPOModule):
         if batch_idx == 0:
             self.policy.train()
             self.dump["train_dtype"] = str(next(self.policy.parameters()).dtype)
-            self.ppo_update(Experience(**{k: v.to(self.device) for k, v in vars(self.replay).items()}))
+            self.ppo_update(self.replay._map(lambda x, axes: x.to(self.device)))
         else:
             super().training_step(batch, batch_idx)
         self.dump["steps"].append(policy_state(self.policy))
@@ -114,9 +116,10 @@ class SaveAtEnd(L.Callback):
 
 def build(cfg, tokenizer, replay=None):
     lm = load_causal_lm(cfg.model, tokenizer, seed=0)
-    policy = PolicyWithValueHead(lm)
+    policy = PolicyWithValueHead(lm, value_head=cfg.algorithm.critic)
     torch.manual_seed(3)
-    torch.nn.init.normal_(policy.value_head.weight, std=0.1)  # a live value head: its gradient reaches the trunk
+    if policy.value_head is not None:  # a live value head: its gradient reaches the trunk
+        torch.nn.init.normal_(policy.value_head.weight, std=0.1)
     reward = RewardModel(sequence_classifier_from_causal_lm(lm, seed=1), tokenizer, tokenizer)
     return ReplayThenTrain(policy, frozen_copy(lm), reward, tokenizer, cfg, replay=replay)
 
@@ -129,13 +132,26 @@ PHASES = {
 }
 
 
+def algorithm(name: str) -> dict:
+    """conf/algorithm/NAME.yaml's `algorithm` section, with 2 samples per prompt ({} = PPO's defaults)."""
+    from omegaconf import OmegaConf
+
+    if not name:
+        return {}
+    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "algorithm" / f"{name}.yaml")["algorithm"]) | {
+        "group_size": 2}
+
+
 def run_phase(out: Path, phase: str, devices: int, accelerator: str = "cpu", precision: str = "32-true") -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    hardware = {**PHASES[phase], "accelerator": accelerator, "devices": devices, "precision": precision}
-    per_rank = GLOBAL_BATCH // devices
+    strategy, _, algo_name = phase.partition("_")
+    hardware = {**PHASES[strategy], "accelerator": accelerator, "devices": devices, "precision": precision}
+    per_rank = GLOBAL_BATCH // devices  # sequences
+    algo = algorithm(algo_name)
+    group = algo.get("group_size", 1)
     cfg = tiny_run_config(
-        hardware=hardware, loss={"kl_coef": 0.1}, reward={"normalize": True},
-        trainer={"ppo": {"iterations": 2, "rollout_batch_size": per_rank, "minibatch_size": per_rank,
+        hardware=hardware, loss={"kl_coef": 0.1}, reward={"normalize": True}, algorithm=algo,
+        trainer={"ppo": {"iterations": 2, "rollout_batch_size": per_rank // group, "minibatch_size": per_rank,
                          "micro_batch_size": 2, "epochs": 2, "lr": 1e-2, "max_grad_norm": 0.5}},
     )
     L.seed_everything(cfg.seed, verbose=False)
@@ -147,17 +163,25 @@ def run_phase(out: Path, phase: str, devices: int, accelerator: str = "cpu", pre
 
     # the fixed global experience: same seed, same ops in every process
     prompts = encode_prompts(tokenizer, generate_prompts(64, seed=0), cfg.data.max_prompt_len)
-    ids, mask = left_pad(prompts[:GLOBAL_BATCH], tokenizer.pad_token_id)
+    ids, mask = left_pad(prompts[:GLOBAL_BATCH // group], tokenizer.pad_token_id)
     torch.manual_seed(123)
-    exp, _ = make_experience(module.policy, module.ref_model, module.reward, ScoreProcessor(), tokenizer, ids, mask,
-                             cfg.generation, cfg.loss, cfg.loss.kl_coef, 64)
+    if algo_name:  # the algorithm's own estimator on the global batch (groups never straddle ranks)
+        exp, _ = collect_rollout(module.policy, module.ref_model, module.reward, ScoreProcessor(), tokenizer, ids,
+                                 mask, cfg.generation, module.algo.kl_estimator, 64, group)
+        exp = assign_advantages(exp, OnlineAlgorithm.from_config(cfg).estimator, 0.0, group)
+    else:
+        exp, _ = make_experience(module.policy, module.ref_model, module.reward, ScoreProcessor(), tokenizer, ids,
+                                 mask, cfg.generation, cfg.loss, cfg.loss.kl_coef, 64)
     # uneven valid lengths (within and across ranks), so that token weighting matters
     lengths = torch.tensor([8, 2, 5, 1, 7, 8, 3, 6])[:GLOBAL_BATCH]
     exp.response_mask = exp.response_mask & (torch.arange(exp.response_mask.shape[1]) < lengths[:, None])
+    if algo_name:  # the advantages are constant along a row: a zero-advantage row would carry no gradient
+        exp.advantages = torch.where(exp.response_mask, exp.advantages + 0.1 * torch.arange(GLOBAL_BATCH)[:, None],
+                                     exp.advantages)
     module.__dict__["replay"] = exp.select(torch.arange(rank * per_rank, (rank + 1) * per_rank))
     initial = policy_state(module.policy)
 
-    loader = DataLoader(PromptBatches(prompts, per_rank, 2, tokenizer.pad_token_id, cfg.seed, rank, world),
+    loader = DataLoader(PromptBatches(prompts, per_rank // group, 2, tokenizer.pad_token_id, cfg.seed, rank, world),
                         batch_size=None)
     trainer.fit(module, loader)
     dump = module.dump | {

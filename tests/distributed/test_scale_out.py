@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_run_config
-from tests.distributed.conftest import PHASES, load
+from tests.distributed.conftest import GRPO_PHASES, PHASES, load
 
 
 def ranks(out: Path, phase: str) -> tuple[dict, dict]:
@@ -40,6 +40,28 @@ def test_ppo_update_on_two_processes_equals_one(phase, two_processes, single_pro
     diff = torch.cat([(r0["steps"][0][k] - ref[k]).flatten() for k in ref]).abs()
     assert float(update.mean()) > 1e-3, "the reference update did not move the parameters"
     assert float(diff.max()) < 1e-4 and float(diff.mean()) < 1e-6, (float(diff.max()), float(diff.mean()))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("phase", GRPO_PHASES)
+def test_grpo_update_on_two_processes_equals_one(phase, two_processes, single_process_grpo):
+    """GRPO weights micro-batches by sequences (seq-mean-token-mean) and adds the KL in the loss: the
+    2-rank update on the same global batch equals the 1-process one, and the ranks stay identical."""
+    r0, r1 = ranks(two_processes, phase)
+    for step in (0, 1):
+        for name, value in r0["steps"][step].items():
+            assert torch.equal(value, r1["steps"][step][name]), f"step {step}: {name} differs between ranks"
+    ref, initial = single_process_grpo["steps"][0], single_process_grpo["initial"]
+    assert not any(k.startswith("value_head") for k in ref), "GRPO has no critic"
+    update = torch.cat([(ref[k] - initial[k]).flatten() for k in ref]).abs()
+    diff = torch.cat([(r0["steps"][0][k] - ref[k]).flatten() for k in ref]).abs()
+    assert float(update.mean()) > 1e-3, "the reference update did not move the parameters"
+    assert float(diff.max()) < 1e-4 and float(diff.mean()) < 1e-6, (float(diff.max()), float(diff.mean()))
+    # the real iteration: 2 samples per prompt, each rank its own prompts, group metrics global
+    e0 = r0["experiences"][1]
+    assert torch.equal(e0["prompt_ids"][0::2], e0["prompt_ids"][1::2])
+    assert "critic/loss" not in r0["metrics"] and "policy/kl_loss" in r0["metrics"]
+    assert r0["metrics"]["rollout/group_reward_std"] == pytest.approx(r1["metrics"]["rollout/group_reward_std"])
 
 
 @pytest.mark.distributed

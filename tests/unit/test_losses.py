@@ -232,7 +232,7 @@ def test_kl_penalty_estimators_are_unbiased_in_expectation():
 def test_kl_penalty_unknown_estimator_raises():
     x = torch.zeros(1, 2)
     with pytest.raises(ValueError):
-        kl_penalty(x, x, "k2")
+        kl_penalty(x, x, "k4")
     with pytest.raises(ValueError):
         kl_penalty(x, x, "full")
 
@@ -526,6 +526,7 @@ def test_clipped_ppo_loss_equals_policy_plus_value_loss_values_and_gradients(see
     assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-12)
     assert outs[0][1] == pytest.approx(outs[1][1], rel=1e-7)  # the reference counts clipped tokens in fp32
     assert 0 < outs[0][1]["clipfrac"] < 1 and 0 < outs[0][1]["value_clipfrac"] < 1  # both branches exercised
+    assert outs[0][1]["clipfrac_low"] + outs[0][1]["clipfrac_high"] == pytest.approx(outs[0][1]["clipfrac"])
     for fused_grad, ref_grad in zip(*grads):
         assert torch.isfinite(fused_grad).all()
         assert (fused_grad[~mask] == 0).all()

@@ -66,7 +66,7 @@ def _experience(prompt_mask, response_mask):
         prompt_ids=torch.arange(B * P).reshape(B, P), prompt_mask=prompt_mask,
         response_ids=torch.arange(B * T).reshape(B, T), response_mask=response_mask,
         old_logprobs=f(), ref_logprobs=f(), old_values=f(), scores=torch.randn(B), raw_scores=torch.randn(B),
-        kl=f(), rewards=f(), advantages=f(), returns=f(),
+        kl=f(), group_index=torch.arange(B), rewards=f(), advantages=f(), returns=f(),
     )
 
 
@@ -78,5 +78,20 @@ def test_experience_trimmed_drops_only_all_padding_columns():
     assert t.prompt_ids.shape == (2, 3) and torch.equal(t.prompt_ids, exp.prompt_ids[:, 1:])
     assert t.response_ids.shape == (2, 3) and torch.equal(t.advantages, exp.advantages[:, :3])
     assert torch.equal(t.scores, exp.scores)
+    assert torch.equal(t.group_index, exp.group_index)  # (B,) fields are never cut
     sel = exp.select(torch.tensor([1]))
     assert len(sel) == 1 and torch.equal(sel.returns, exp.returns[1:])
+
+
+def test_experience_without_critic_fields_selects_trims_and_concatenates():
+    pm = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    rm = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    exp = _experience(pm, rm).with_(old_values=None, returns=None)
+    t = exp.trimmed()
+    assert t.old_values is None and t.returns is None and t.advantages.shape == (2, 2)
+    assert exp.select(torch.tensor([0])).old_values is None
+    # rows of two experiences of different widths: prompts padded on the left, responses on the right
+    both = Experience.cat([exp, t.select(torch.tensor([1]))])
+    assert both.prompt_ids.shape == (3, 3) and both.response_mask.shape == (3, 4)
+    assert torch.equal(both.response_mask[2], torch.tensor([True, True, False, False]))
+    assert torch.equal(both.prompt_mask[:2], pm) and both.returns is None

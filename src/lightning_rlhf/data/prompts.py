@@ -89,6 +89,16 @@ class PromptBatches(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         start = (i * self.world_size + self.rank) * self.batch_size
-        rows = [self.prompts[self._global_index(k)] for k in range(start, start + self.batch_size)]
-        ids, mask = left_pad(rows, self.pad_id)
+        return self._batch([self._global_index(k) for k in range(start, start + self.batch_size)])
+
+    def resample(self, i: int, round_: int, rank: int | None = None, world_size: int | None = None) -> dict:
+        """Another batch for iteration i (dynamic sampling's round `round_` >= 1): prompts drawn at random
+        from the whole set, a fixed function of (seed, i, round_, rank) apart from the epoch stream."""
+        rank = self.rank if rank is None else rank
+        world = self.world_size if world_size is None else world_size
+        gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + i) * 101 + round_) * max(world, 1) + rank + 7)
+        return self._batch(torch.randint(len(self.prompts), (self.batch_size,), generator=gen).tolist())
+
+    def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        ids, mask = left_pad([self.prompts[k] for k in indices], self.pad_id)
         return {"prompt_ids": ids, "prompt_mask": mask}

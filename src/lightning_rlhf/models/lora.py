@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lightning_rlhf.config import LoraConfig
-from lightning_rlhf.models.policy import VALUE_HEAD_FILE, PolicyWithValueHead, frozen_copy
+from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy
 
 
 def add_lora(lm: nn.Module, cfg: LoraConfig):
@@ -47,8 +47,8 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 class LoraPolicy(PolicyWithValueHead):
     """A PolicyWithValueHead whose LM carries LoRA adapters; saves an adapter folder or a merged model."""
 
-    def __init__(self, peft_model, save: str = "merged"):
-        super().__init__(peft_model.get_base_model())
+    def __init__(self, peft_model, save: str = "merged", value_head: bool = True):
+        super().__init__(peft_model.get_base_model(), value_head)
         self.__dict__["peft_model"] = peft_model  # not a submodule: its weights are self.lm's
         self.save_mode = save
 
@@ -70,7 +70,7 @@ class LoraPolicy(PolicyWithValueHead):
             merged_model(self.peft_model).save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        torch.save(self.value_head.state_dict(), folder / VALUE_HEAD_FILE)
+        self.save_value_head(folder)
 
 
 class AdapterDisabledRef(nn.Module):
@@ -98,9 +98,11 @@ class AdapterDisabledRef(nn.Module):
         return project
 
 
-def build_policy_and_ref(lm: nn.Module, lora: LoraConfig | None) -> tuple[PolicyWithValueHead, nn.Module]:
-    """(policy, reference): a full policy and a frozen deep copy, or a LoRA policy and its backbone."""
+def build_policy_and_ref(lm: nn.Module, lora: LoraConfig | None,
+                         value_head: bool = True) -> tuple[PolicyWithValueHead, nn.Module]:
+    """(policy, reference): a full policy and a frozen deep copy, or a LoRA policy and its backbone.
+    `value_head`: whether the policy carries a critic."""
     if lora is None:
-        return PolicyWithValueHead(lm), frozen_copy(lm)
-    policy = LoraPolicy(add_lora(lm, lora), save=lora.save)
+        return PolicyWithValueHead(lm, value_head), frozen_copy(lm)
+    policy = LoraPolicy(add_lora(lm, lora), save=lora.save, value_head=value_head)
     return policy, AdapterDisabledRef(policy)

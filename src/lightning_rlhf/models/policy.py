@@ -44,15 +44,18 @@ def trunk_hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: 
 
 
 class PolicyWithValueHead(nn.Module):
-    """A causal LM (``self.lm``) and ``self.value_head`` (hidden -> 1, zero-initialised)."""
+    """A causal LM (``self.lm``) and ``self.value_head`` (hidden -> 1, zero-initialised), or no value
+    head (``value_head`` None) for the critic-free algorithms."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, value_head: bool = True):
         super().__init__()
         self.lm = lm
-        hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
-        self.value_head = nn.Linear(hidden, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head = None
+        if value_head:
+            hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
+            self.value_head = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
         disable_dropout(self.lm)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -66,21 +69,26 @@ class PolicyWithValueHead(nn.Module):
         """Logits and values for the last `response_len` tokens of input_ids = [prompt, response].
 
         input_ids, attention_mask: (B, P + T) -> logits (B, T, V) predicting response token t from the
-        prefix before it, values (B, T) = V(s_t), the state before response token t is emitted.
+        prefix before it, values (B, T) = V(s_t), the state before response token t is emitted (None
+        without a value head or with_values=False).
         """
         # the states that emit response tokens: (B, T, H); the last token's own state is never needed
         h = self.hidden_states(input_ids[:, :-1], attention_mask[:, :-1], response_len)
         logits = self.lm.get_output_embeddings()(h)
-        values = self.value_head(h).squeeze(-1).float() if with_values else None
+        values = self.value_head(h).squeeze(-1).float() if with_values and self.value_head is not None else None
         return logits, values
 
     def save_pretrained(self, folder: str | Path, tokenizer=None) -> None:
-        """A Hugging Face folder loadable with AutoModelForCausalLM; the value head beside it."""
+        """A Hugging Face folder loadable with AutoModelForCausalLM; the value head (if any) beside it."""
         folder = Path(folder)
         self.lm.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        torch.save(self.value_head.state_dict(), folder / VALUE_HEAD_FILE)
+        self.save_value_head(folder)
+
+    def save_value_head(self, folder: Path) -> None:
+        if self.value_head is not None:
+            torch.save(self.value_head.state_dict(), Path(folder) / VALUE_HEAD_FILE)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -1,9 +1,10 @@
 """Content-addressed cache of the pipeline's SFT and reward-model outputs.
 
-The key of a stage is a hash of everything its output depends on: the resolved `model`, `data`,
-`seed` and hardware numerics, the stage's own trainer section (`trainer.sft`; for the reward model
-also `trainer.rm`, `generation` and the SFT key), and a fingerprint of this package's source, so a
-code change never serves a stale model. A sweep's jobs that differ only in PPO settings therefore
+The key of a stage is a hash of everything its output depends on: the config sections the stage
+declares (`Stage.cache_parts`: `model`, `data`, `seed`, hardware numerics, `trainer.sft`; for the
+reward model also `trainer.rm`, `generation`), the key of the stage it takes its input from, and a
+fingerprint of the package's source files that the stage's module imports (its import closure,
+read from the code, not a hand-kept list), so a code change never serves a stale model. A sweep's jobs that differ only in PPO settings therefore
 share one SFT and one reward model; jobs with different seeds get their own (the error bars of a
 seed sweep include SFT and reward-model variance). Entries are folders
 `<cache.dir>/stages/<stage>-<key>/{model/, stage.json}`, published atomically (rename).
@@ -11,7 +12,7 @@ seed sweep include SFT and reward-model variance). Entries are folders
 
 from __future__ import annotations
 
-import dataclasses
+import ast
 import functools
 import hashlib
 import json
@@ -23,29 +24,48 @@ from typing import Callable, Optional
 
 from lightning_rlhf.checkpointing import publish
 from lightning_rlhf.config import RunConfig
-from lightning_rlhf.data.files import fingerprint as data_fingerprint
-from lightning_rlhf.stages.common import write_json
+from lightning_rlhf.metrics import write_json
 
 log = logging.getLogger("lightning_rlhf")
 
-FORMAT = 1
+FORMAT = 2
+PACKAGE = "lightning_rlhf"
 STAGE_FILE = "stage.json"  # a finished stage's summary, in its folder
 
 
-# modules that SFT and the reward model never run (a new module counts, to be safe)
-NOT_IN_SFT_RM = {"train.py", "report.py", "tracking.py", "checkpointing.py", "module.py", "rollout.py", "update.py",
-                 "advantages.py", "kl_control.py", "evaluation.py", "experience.py", "stages/ppo.py", "stages/cache.py"}
+def _imports(path: Path, package_root: Path) -> set[Path]:
+    """The package's source files that `path` imports (module level or inside functions)."""
+    files = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]  # a name may be a submodule
+        for name in names:
+            if not name.startswith(PACKAGE + ".") and name != PACKAGE:
+                continue
+            rel = Path(*name.split(".")[1:])
+            for candidate in (package_root / rel.with_suffix(".py"), package_root / rel / "__init__.py"):
+                if candidate.is_file():
+                    files.add(candidate)
+    return files
 
 
-@functools.lru_cache(maxsize=1)
-def code_fingerprint() -> str:
-    """Hash of the package's Python sources that the SFT and reward-model stages run."""
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(module: str = "lightning_rlhf.stages.sft") -> str:
+    """Hash of the package's source files that `module` runs: its import closure within the package."""
     root = Path(__file__).resolve().parents[1]
+    start = root / Path(*module.split(".")[1:]).with_suffix(".py")
+    seen, todo = set(), [start]
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo.extend(_imports(path, root) - seen)
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        if path.relative_to(root).as_posix() in NOT_IN_SFT_RM:
-            continue
-        h.update(str(path.relative_to(root)).encode())
+    for path in sorted(seen):
+        h.update(path.relative_to(root).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
@@ -54,16 +74,16 @@ def _hash(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def stage_key(cfg: RunConfig, stage: str, parent: Optional[str] = None) -> str:
-    """The cache key of `stage` (sft | rm; rm takes the SFT key as `parent`)."""
-    hardware = {k: v for k, v in dataclasses.asdict(cfg.hardware).items() if k not in ("name", "threads")}
-    parts = {"format": FORMAT, "code": code_fingerprint(), "stage": stage, "seed": cfg.seed,
-             "model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data), "hardware": hardware,
-             "data_files": data_fingerprint(cfg.data),  # the bytes of local data files, not only their paths
-             "sft": dataclasses.asdict(cfg.trainer.sft)}
-    if stage == "rm":
-        parts |= {"parent": parent, "rm": dataclasses.asdict(cfg.trainer.rm),
-                  "generation": dataclasses.asdict(cfg.generation)}
+def stage_key(cfg: RunConfig, stage, parent: Optional[str] = None) -> str:
+    """The cache key of `stage` (a cached Stage, or its name: sft | rm): the config sections it declares,
+    the code it imports, and the key of the stage it takes its input from (`parent`)."""
+    from lightning_rlhf.stages.base import get_stage
+
+    stage = get_stage(cfg, stage) if isinstance(stage, str) else stage
+    parts = {"format": FORMAT, "code": code_fingerprint(stage.module), "stage": stage.name,
+             **stage.cache_parts(cfg)}
+    if parent is not None:
+        parts["parent"] = parent
     return _hash(parts)
 
 

@@ -1,4 +1,5 @@
-"""PPO stage: build policy (+ value head), frozen reference, reward; evaluate, fit, evaluate, save."""
+"""The online RL stage (PPO, GRPO, ...): build the policy (+ value head with a critic), the frozen
+reference and the reward; evaluate, fit, evaluate, save; plots and samples in the run folder."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from lightning_rlhf.evaluation import evaluate_policy
 from lightning_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
 from lightning_rlhf.models.lora import build_policy_and_ref
 from lightning_rlhf.models.reward import FunctionReward, RewardModel
-from lightning_rlhf.module import PPOModule
+from lightning_rlhf.algorithms.online import OnlineRLModule
 from lightning_rlhf.checkpointing import IterationSampler, PPOCheckpoint, checkpoint_dir, config_hash, publish
+from lightning_rlhf.stages.base import Stage
 from lightning_rlhf.stages.common import build_trainer, write_csv
 
 log = logging.getLogger("lightning_rlhf")
@@ -55,7 +57,7 @@ class EvalEvery(L.Callback):
     checkpoints). Each evaluation goes to eval.csv and to the Trainer's loggers; with W&B, a table of
     the samples is logged every `samples_every` iterations (None: with each evaluation)."""
 
-    def __init__(self, module: PPOModule, eval_batch, gold_fn, every: int, folder: Path,
+    def __init__(self, module: OnlineRLModule, eval_batch, gold_fn, every: int, folder: Path,
                  samples_every: int | None = None, iterations: int = 0):
         self.module, self.eval_batch, self.gold_fn, self.every, self.folder = module, eval_batch, gold_fn, every, folder
         self.samples_every, self.iterations = samples_every, iterations
@@ -115,10 +117,11 @@ def run_ppo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward
     model_cfg = cfg.model if policy_path is None else dataclasses.replace(cfg.model, name_or_path=policy_path, config=None)
     tokenizer = load_tokenizer(policy_path or cfg.model.tokenizer or cfg.model.name_or_path)
     lm = load_causal_lm(model_cfg, tokenizer, cfg.seed)
-    policy, ref = build_policy_and_ref(lm, cfg.model.lora)  # with LoRA: ref = the backbone, adapters off
+    # with LoRA: ref = the backbone, adapters off; a value head only for algorithms with a critic
+    policy, ref = build_policy_and_ref(lm, cfg.model.lora, value_head=cfg.algorithm.critic)
     reward = build_reward(cfg, tokenizer, reward_path)
     gold_fn = instantiate(cfg.data.gold) if cfg.data.gold else None
-    module = PPOModule(policy, ref, reward, tokenizer, cfg)
+    module = OnlineRLModule(policy, ref, reward, tokenizer, cfg)
 
     eval_batch = left_pad(encode_prompts(tokenizer, prompt_texts(cfg, "heldout", cfg.data.num_eval_prompts, tokenizer),
                                          cfg.data.max_prompt_len), tokenizer.pad_token_id)
@@ -134,6 +137,7 @@ def run_ppo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward
                              cfg.data.max_prompt_len)
     dataset = PromptBatches(prompts, ppo.rollout_batch_size, ppo.iterations, tokenizer.pad_token_id, cfg.seed,
                             trainer.global_rank, trainer.world_size)
+    module.prompt_source = dataset  # dynamic sampling (algorithm.zero_std=filter) draws more prompts from it
     loader = DataLoader(dataset, batch_size=None, sampler=sampler)
 
     if ckpt_path is None:
@@ -158,3 +162,31 @@ def run_ppo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward
         result |= {"gold_score_initial": initial["val/gold_score"], "gold_score_final": final["val/gold_score"]}
     result["samples"] = {"initial": evaluator.samples[0], "final": evaluator.samples[ppo.iterations]}
     return result
+
+
+class OnlineRLStage(Stage):
+    """`stage=ppo` (and the last step of the pipeline) for every online algorithm: the policy from the SFT
+    stage (or model.name_or_path), the reward from the reward-model stage (or reward.path / reward.fn);
+    checkpoints, resume=auto, plots and samples.md in the run folder."""
+
+    name, module = "ppo", "lightning_rlhf.stages.ppo"
+    summary_keys = ("proxy_reward_initial", "proxy_reward_final", "kl_final", "gold_score_initial", "gold_score_final",
+                    "wall_s")
+
+    def needs(self, cfg):
+        return ("sft", "rm") if cfg.reward.type == "model" else ("sft",)
+
+    def run(self, cfg, folder, policy_path=None, reward_path=None, **inputs):
+        from lightning_rlhf.checkpointing import find_resume_checkpoint, remember_run
+        from lightning_rlhf.report import plot_curves, samples_table
+
+        ckpt_path = find_resume_checkpoint(cfg)
+        if cfg.resume == "auto" and ckpt_path is None:
+            log.info("resume=auto: no checkpoint of this run yet, starting from the beginning")
+        if cfg.checkpoint.enabled:
+            remember_run(cfg, checkpoint_dir(cfg, folder))
+        result = run_ppo(cfg, folder, policy_path=policy_path, reward_path=reward_path, ckpt_path=ckpt_path)
+        samples = result.pop("samples")
+        (folder / "samples.md").write_text(samples_table(samples["initial"], samples["final"]))
+        plot_curves(folder / "metrics.csv", folder / "eval.csv", folder / "plots")
+        return result | {"algorithm": cfg.algorithm.name}
