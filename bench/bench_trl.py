@@ -1,25 +1,31 @@
-"""lightning-rlhf vs TRL's PPO trainer, side by side, on identical settings.
+"""lightning-rlhf vs TRL's PPO, GRPO and RLOO trainers, side by side, on identical settings.
 
-    .venv/bin/python bench/bench_trl.py            # the table, the scaling, then `speedup_vs_trl: X.XX`
-    .venv/bin/python bench/bench_trl.py --quick    # seconds: a smoke run of the whole script (tests)
+    .venv/bin/python bench/bench_trl.py              # GRPO, RLOO, then PPO (+ scaling); `speedup_vs_trl: X.XX` last
+    .venv/bin/python bench/bench_trl.py --algo grpo  # one comparison: its table and `speedup_vs_trl_grpo: X.XX`
+    .venv/bin/python bench/bench_trl.py --quick      # seconds: a smoke run of every comparison (tests)
 
-Three processes, one per side, each importing only its own framework:
-  lightning-rlhf  PPOModule driven by a real Lightning Trainer (stages.common.build_trainer, as rlhf-train)
-  trl             trl.experimental.ppo.PPOTrainer (trl==1.12.0) as shipped
-  trl-nogc        the same, with the module's `gc.collect()` (two calls per step) made a no-op
+One process per side, each importing only its own framework:
+  lightning-rlhf  the online-RL LightningModule driven by a real Lightning Trainer (stages.common.build_trainer,
+                  as rlhf-train), configured by conf/algorithm/{ppo,grpo,rloo}.yaml
+  trl             trl==1.12.0 as shipped: trl.experimental.ppo.PPOTrainer, trl.GRPOTrainer, trl.RLOOTrainer
+  trl-nogc        (PPO only) the PPO trainer with its module's `gc.collect()` (two calls per step) made a no-op;
+                  TRL's GRPO and RLOO trainers make no explicit collection (the `gc/iter` column counts them)
 The parent starts them, waits until each has built its models and entered its training loop, then
-hands out one PPO iteration at a time, round-robin (the order rotates every round), so that the
-machine's background load falls on every side alike. A side's training loop blocks in a callback
-between iterations (Lightning: on_train_batch_end; TRL: on_step_end): the time a side waits for its
-turn is never counted.
+hands out one iteration at a time, round-robin (the order rotates every round), so that the
+machine's background load falls on every side alike. An iteration is one rollout (generation,
+scoring) and all the optimizer steps on it; a side's training loop blocks in a callback between
+iterations (Lightning: on_train_batch_end; TRL: on_step_end of the iteration's last optimizer step):
+the time a side waits for its turn is never counted.
 
 Timed per iteration (wall clock, `time.perf_counter`; CPU time of the process beside it):
   iteration   from the go signal to the end of the iteration's last callback, so everything each
               framework does per iteration counts: data loading, rollout, update, logging, TRL's
-              trailing gc.collect()/empty_cache
-  rollout     ours: on_train_batch_start -> entry of PPOModule.ppo_update
-              TRL:  entry of batch_generation -> first forward of the policy-and-value wrapper
-  update      ours: PPOModule.ppo_update; TRL: first wrapper forward -> on_step_end
+              trailing gc.collect()/empty_cache (PPO)
+  rollout     ours: on_train_batch_start -> entry of the module's ppo_update
+              TRL PPO: entry of batch_generation -> first forward of the policy-and-value wrapper
+              TRL GRPO/RLOO: _generate_and_score_completions (generation, old/reference log-probs, rewards,
+              advantages)
+  update      ours: the module's ppo_update; TRL: the end of the rollout -> on_step_end of the last step
 Tokens are response tokens (up to and including the first EOS): rollout tok/s = tokens / rollout,
 update tok/s = epochs x tokens / update.
 Peak memory: each process resets its peak RSS (VmHWM, /proc/self/clear_refs) when the first timed
@@ -44,11 +50,34 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 OURS, TRL, TRL_NOGC = "lightning-rlhf", "trl", "trl-nogc"
-SIDES = (OURS, TRL, TRL_NOGC)
+SIDES = {"ppo": (OURS, TRL, TRL_NOGC), "grpo": (OURS, TRL), "rloo": (OURS, TRL)}
+ALGOS = ("grpo", "rloo", "ppo")  # the order of `--algo all`: PPO last, its speed-up line ends the output
+SPEEDUP_KEY = {"ppo": "speedup_vs_trl", "grpo": "speedup_vs_trl_grpo", "rloo": "speedup_vs_trl_rloo"}
+TRL_TRAINER = {"ppo": "trl.experimental.ppo.PPOTrainer", "grpo": "trl.GRPOTrainer", "rloo": "trl.RLOOTrainer"}
+# our algorithm.agg -> the GRPOTrainer loss_type that averages the same way over one optimizer step's
+# sequences (bnpo: the step's token mean; TRL's default, dapo, divides by the rollout's mean tokens per step)
+TRL_LOSS_TYPE = {"token-mean": "bnpo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
+GROUP_MAX_GRAD_NORM = 1.0  # GRPO/RLOO: both frameworks' default (TRL's PPO loop cannot clip: PPO runs unclipped)
 
 
 # ---- in each worker process ----------------------------------------------------------------------
+def count_gc_calls() -> list[int]:
+    """Count the process's explicit `gc.collect()` calls from here on (the interpreter's automatic
+    collections do not go through it); -> the counter, a one-element list."""
+    import gc
+
+    calls, collect = [0], gc.collect
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return collect(*args, **kwargs)
+
+    gc.collect = counted
+    return calls
+
+
 class Probe:
     """The worker's side of the protocol: wait for 'go', time one iteration, report it."""
 
@@ -56,6 +85,7 @@ class Probe:
         self.conn, self.iterations = conn, iterations
         self.done, self.marks, self.tokens = 0, {}, 0
         self.base_rss = None
+        self.gc_calls = count_gc_calls()
 
     def wait_go(self) -> None:
         if self.done == 0:
@@ -65,6 +95,7 @@ class Probe:
             common.reset_peak_rss()
             self.base_rss = common.rss_mb()
         self.marks = {}
+        self.gc0 = self.gc_calls[0]
         self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     def mark(self, name: str) -> None:
@@ -72,14 +103,18 @@ class Probe:
 
     def end(self) -> None:
         t, c = time.perf_counter(), time.process_time()
-        rollout_start, update_start = self.marks.get("rollout"), self.marks.get("update")
+        if "rollout" not in self.marks or "update" not in self.marks:  # a framework's hook moved: fail, loudly
+            raise RuntimeError(f"iteration {self.done}: the timing hooks fired {sorted(self.marks)}, "
+                               "expected 'rollout' and 'update'")
+        rollout_start, update_start = self.marks["rollout"], self.marks["update"]
         update_end = self.marks.get("update_end", t)
         self.conn.send(("result", {
             "iter_s": t - self.t0,
             "cpu_s": c - self.c0,
-            "rollout_s": update_start - rollout_start if rollout_start and update_start else None,
-            "update_s": update_end - update_start if update_start else None,
+            "rollout_s": update_start - rollout_start,
+            "update_s": update_end - update_start,
             "tokens": self.tokens,
+            "gc_calls": self.gc_calls[0] - self.gc0,
             "peak_rss_mb": common.peak_rss_mb(),
             "base_rss_mb": self.base_rss,
         }))
@@ -88,21 +123,25 @@ class Probe:
             self.wait_go()
 
 
-def run_ours(s: common.Settings, iterations: int, probe: Probe, folder: Path) -> None:
-    import lightning as L
+def algorithm_file(name: str) -> dict:
+    """conf/algorithm/NAME.yaml as Hydra composes it (its own defaults list included), as a plain dict
+    with its interpolations (e.g. ${loss.gamma}) left for `validate` to resolve."""
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
-    from torch.utils.data import DataLoader
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        return OmegaConf.to_container(compose(overrides=[f"+algorithm={name}"]), resolve=False)
+
+
+def our_config(s: common.Settings, iterations: int, folder: Path):
+    """The validated run config of our side: conf/algorithm/{s.algo}.yaml, then the benchmark's settings."""
+    from omegaconf import OmegaConf
 
     from lightning_rlhf.config import validate
-    from lightning_rlhf.data.prompts import PromptBatches
-    from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy
-    from lightning_rlhf.models.reward import RewardModel
-    from lightning_rlhf.module import PPOModule
-    from lightning_rlhf.stages.common import build_trainer
 
-    cfg = validate(OmegaConf.create({
+    settings = {
         "stage": "ppo", "seed": s.seed,
-        "model": {"tokenizer": "reviews", "config": {"model_type": "llama"}},  # built below, from common
+        "model": {"tokenizer": "reviews", "config": {"model_type": "llama"}},  # built in run_ours, from common
         "reward": {"type": "model", "path": str(folder), "micro_batch_size": 64},
         "generation": {"max_new_tokens": s.response_length, "temperature": s.temperature, "top_k": 0, "top_p": 1.0},
         "loss": {"clip_eps": 0.2, "value_clip_eps": 0.2, "vf_coef": 0.1, "entropy_coef": 0.0, "kl_coef": s.kl_coef,
@@ -110,17 +149,40 @@ def run_ours(s: common.Settings, iterations: int, probe: Probe, folder: Path) ->
         "trainer": {"ppo": {"iterations": iterations, "rollout_batch_size": s.batch_size,
                             "minibatch_size": s.minibatch_size(), "micro_batch_size": s.minibatch_size(),
                             "epochs": s.epochs, "lr": s.lr, "weight_decay": 0.0, "warmup_iterations": 0,
-                            "max_grad_norm": None, "rollout_micro_batch_size": 64},
+                            "max_grad_norm": GROUP_MAX_GRAD_NORM if s.algo != "ppo" else None,
+                            "rollout_micro_batch_size": 64},
                     "eval_every": 0, "enable_progress_bar": False},
         "hardware": {"threads": s.threads},
         "logger": {"name": "none"},
-    }))
+    }
+    if s.algo != "ppo":  # the algorithm's file decides the rest (estimator, policy loss, KL placement)
+        settings["algorithm"] = {"group_size": s.group_size}
+        if s.agg is not None:
+            settings["algorithm"]["agg"] = s.agg
+        if s.advantage_scale is not None:
+            settings["algorithm"]["advantage"] = {"scale": s.advantage_scale}
+    return validate(OmegaConf.merge(algorithm_file(s.algo), settings))
+
+
+def run_ours(s: common.Settings, iterations: int, probe: Probe, folder: Path) -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_rlhf.algorithms.online import OnlineRLModule
+    from lightning_rlhf.data.prompts import PromptBatches
+    from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy
+    from lightning_rlhf.models.reward import RewardModel
+    from lightning_rlhf.stages.common import build_trainer
+
+    cfg = our_config(s, iterations, folder)
     L.seed_everything(s.seed, verbose=False)
     tok = common.tokenizer()
     lm, rm = common.build_models(s, tok)
-    module = PPOModule(PolicyWithValueHead(lm), frozen_copy(lm), RewardModel(rm, tok, tok, 64), tok, cfg)
-    loader = DataLoader(PromptBatches(common.prompts(tok, s), s.batch_size, iterations, tok.pad_token_id, s.seed),
-                        batch_size=None)
+    policy = PolicyWithValueHead(lm, value_head=cfg.algorithm.critic)
+    module = OnlineRLModule(policy, frozen_copy(lm), RewardModel(rm, tok, tok, 64), tok, cfg)
+    prompts = PromptBatches(common.prompts(tok, s), s.batch_size, iterations, tok.pad_token_id, s.seed)
+    module.prompt_source = prompts  # as stages.ppo (only algorithm.zero_std=filter draws from it)
+    loader = DataLoader(prompts, batch_size=None)
 
     inner_update = module.ppo_update
 
@@ -147,7 +209,7 @@ def run_ours(s: common.Settings, iterations: int, probe: Probe, folder: Path) ->
     trainer.fit(module, loader)
 
 
-def run_trl(s: common.Settings, iterations: int, probe: Probe, folder: Path, collect_garbage: bool) -> None:
+def run_trl_ppo(s: common.Settings, iterations: int, probe: Probe, folder: Path, collect_garbage: bool) -> None:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -197,6 +259,70 @@ def run_trl(s: common.Settings, iterations: int, probe: Probe, folder: Path, col
     trainer.train()
 
 
+def run_trl_group(s: common.Settings, iterations: int, probe: Probe, folder: Path) -> None:
+    """TRL's GRPOTrainer or RLOOTrainer (s.algo) on the settings of our side (see group_settings).
+
+    One iteration there = one generation batch (steps_per_generation x per_device_train_batch_size
+    sequences) and its steps_per_generation x num_iterations optimizer steps.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    torch.manual_seed(s.seed)
+    tok = common.tokenizer()
+    lm, rm = common.build_models(s, tok)
+    lm.save_pretrained(folder / "policy")  # TRL loads the policy, and builds its reference model, from a path
+    del lm
+    dataset = Dataset.from_list([{"prompt": text} for text in common.prompt_texts(tok, s)])
+    steps = s.mini_batches * s.epochs  # optimizer steps per iteration
+    shared = dict(
+        output_dir=str(folder), seed=s.seed, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        per_device_train_batch_size=s.minibatch_size(), gradient_accumulation_steps=1,
+        steps_per_generation=s.mini_batches, num_iterations=s.epochs, num_generations=s.group_size,
+        max_steps=steps * iterations, max_completion_length=s.response_length, temperature=s.temperature,
+        top_k=0, top_p=1.0, beta=s.kl_coef, epsilon=0.2, learning_rate=s.lr, lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=GROUP_MAX_GRAD_NORM, logging_steps=steps,
+        report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+    )
+    if s.algo == "grpo":
+        if s.agg not in TRL_LOSS_TYPE or s.advantage_scale not in ("group", "batch", "none"):
+            raise ValueError(f"agg={s.agg}, advantage scale {s.advantage_scale}: no GRPOConfig does the same")
+        args = GRPOConfig(**shared, loss_type=TRL_LOSS_TYPE[s.agg], scale_rewards=s.advantage_scale)
+        trainer_cls = GRPOTrainer
+    else:  # RLOO: the KL (k1, summed over the sequence) in the reward; one clipped ratio per sequence
+        if s.advantage_scale != "none":
+            raise ValueError(f"advantage scale {s.advantage_scale}: RLOOTrainer divides by no std "
+                             "(normalize_advantages whitens over the batch instead)")
+        args = RLOOConfig(**shared, normalize_advantages=False)
+        trainer_cls = RLOOTrainer
+
+    class Timing(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            probe.wait_go()
+
+        def on_step_end(self, args, state, control, **k):
+            if state.global_step % steps == 0:  # the iteration's last optimizer step
+                probe.end()
+
+    trainer = trainer_cls(model=str(folder / "policy"), reward_funcs=rm, args=args, train_dataset=dataset,
+                          processing_class=tok, reward_processing_classes=tok, callbacks=[Timing()])
+    rollout = trainer._generate_and_score_completions  # (private) raises here if TRL renames it
+
+    def timed_rollout(inputs):
+        if "rollout" in probe.marks:
+            raise RuntimeError(f"{s.algo}: a second generation within one iteration of {steps} optimizer steps")
+        probe.mark("rollout")
+        out = rollout(inputs)
+        probe.tokens = int(out["completion_mask"].sum())
+        probe.mark("update")
+        return out
+
+    trainer._generate_and_score_completions = timed_rollout
+    trainer.train()
+
+
 def worker(side: str, settings: dict, iterations: int, conn) -> None:
     import tempfile
 
@@ -213,11 +339,13 @@ def worker(side: str, settings: dict, iterations: int, conn) -> None:
     torch.set_num_threads(s.threads)
     probe = Probe(conn, iterations)
     try:
-        with tempfile.TemporaryDirectory(prefix=f"bench_{side}_") as folder:
+        with tempfile.TemporaryDirectory(prefix=f"bench_{s.algo}_{side}_") as folder:
             if side == OURS:
                 run_ours(s, iterations, probe, Path(folder))
+            elif s.algo == "ppo":
+                run_trl_ppo(s, iterations, probe, Path(folder), collect_garbage=side == TRL)
             else:
-                run_trl(s, iterations, probe, Path(folder), collect_garbage=side == TRL)
+                run_trl_group(s, iterations, probe, Path(folder))
         if probe.done != iterations:
             raise RuntimeError(f"{side} ran {probe.done} iterations, expected {iterations}")
         conn.send(("exit", None))
@@ -241,7 +369,7 @@ def _receive(conn, side: str, expected: str):
 
 
 def side_by_side(settings: common.Settings, sides, warmup: int, iterations: int) -> dict[str, list[dict]]:
-    """Run `warmup + iterations` PPO iterations of each side, alternating; -> timed results per side."""
+    """Run `warmup + iterations` iterations of each side, alternating; -> timed results per side."""
     return interleave({side: (side, settings) for side in sides}, warmup, iterations)
 
 
@@ -289,12 +417,12 @@ def summarize(runs: list[dict], settings: common.Settings) -> dict:
         "rollout_ms": 1e3 * med("rollout_s"),
         "update_ms": 1e3 * med("update_s"),
         "tokens": tokens,
+        "gc_calls": med("gc_calls"),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "iter_mb": max(r["peak_rss_mb"] for r in runs) - runs[0]["base_rss_mb"],
         "iterations": len(runs),
     }
-    out["other_ms"] = 1e3 * common.median(r["iter_s"] - r["rollout_s"] - r["update_s"] for r in runs
-                                          if r["rollout_s"] is not None and r["update_s"] is not None)
+    out["other_ms"] = 1e3 * common.median(r["iter_s"] - r["rollout_s"] - r["update_s"] for r in runs)
     out["rollout_tok_s"] = tokens / (out["rollout_ms"] / 1e3)
     out["update_tok_s"] = settings.epochs * tokens / (out["update_ms"] / 1e3)
     return out
@@ -304,11 +432,45 @@ def print_table(summary: dict[str, dict]) -> None:
     cols = [("iter ms", "iter_ms", "{:.1f}"), ("rollout ms", "rollout_ms", "{:.1f}"), ("update ms", "update_ms", "{:.1f}"),
             ("other ms", "other_ms", "{:.1f}"), ("cpu ms", "cpu_ms", "{:.1f}"), ("rollout tok/s", "rollout_tok_s", "{:.0f}"),
             ("update tok/s", "update_tok_s", "{:.0f}"), ("iter MB", "iter_mb", "{:.1f}"), ("peak MB", "peak_rss_mb", "{:.0f}"),
-            ("tokens", "tokens", "{:.0f}")]
+            ("tokens", "tokens", "{:.0f}"), ("gc/iter", "gc_calls", "{:.0f}")]
     print("| side | " + " | ".join(c[0] for c in cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for side, row in summary.items():
         print(f"| {side} | " + " | ".join(fmt.format(row[key]) for _, key, fmt in cols) + " |")
+
+
+def group_settings(base: common.Settings, algo: str, group_size: int) -> common.Settings:
+    """GRPO/RLOO settings of the same sequences per iteration as `base` (B / G prompts x G samples), with
+    the loss aggregation and advantage scale our side's config has (read here, not in TRL's process)."""
+    s = base.with_(algo=algo, batch_size=base.batch_size // group_size, group_size=group_size)
+    algorithm = our_config(s, 1, ROOT).algorithm
+    return s.with_(agg=algorithm.agg, advantage_scale=algorithm.advantage.get("scale"))
+
+
+def compare(s: common.Settings, sides, warmup: int, iterations: int) -> dict:
+    """One comparison (s.algo): its heading, table and ratios printed; -> what it measured."""
+    print(f"\n# lightning-rlhf vs TRL {s.algo.upper()} ({TRL_TRAINER[s.algo]})")
+    print(f"settings: {json.dumps(s.as_dict())}; {warmup} warm-up + {iterations} timed iterations per side, "
+          f"alternating; medians", flush=True)
+    results = side_by_side(s, sides, warmup, iterations)
+    summary = {side: summarize(results[side], s) for side in sides}
+    print_table(summary)
+    ours = summary[OURS]
+    trl_sides = [x for x in (TRL, TRL_NOGC) if x in summary]
+    for x in trl_sides:
+        ratio = lambda key: summary[x][key] / max(ours[key], 1e-9)
+        print(f"{x} / lightning-rlhf: time x{ratio('iter_ms'):.2f}, cpu x{ratio('cpu_ms'):.2f}, "
+              f"rollout x{ratio('rollout_ms'):.2f}, update x{ratio('update_ms'):.2f}, iter MB x{ratio('iter_mb'):.2f}, "
+              f"peak MB x{ratio('peak_rss_mb'):.2f}")
+    fastest = min(trl_sides, key=lambda x: summary[x]["iter_ms"]) if trl_sides else None
+    speedup = summary[fastest]["iter_ms"] / ours["iter_ms"] if fastest else math.nan
+    return {"settings": s.as_dict(), "results": results, "summary": summary, "fastest_trl": fastest,
+            "speedup": speedup}
+
+
+def print_speedup(algo: str, comparison: dict) -> None:
+    print(f"speedup against the faster TRL variant ({comparison['fastest_trl']}), median time per iteration:")
+    print(f"{SPEEDUP_KEY[algo]}: {comparison['speedup']:.2f}", flush=True)
 
 
 def machine() -> str:
@@ -578,15 +740,20 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings, one warm-up and one timed iteration, no scaling")
+    p.add_argument("--algo", default="all", choices=(*ALGOS, "all"), help="the comparison(s) (all: GRPO, RLOO, PPO)")
     p.add_argument("--model", default="tiny", choices=sorted(common.MODEL_SIZES))
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="sequences per iteration (PPO: prompts; GRPO/RLOO: prompts x --group-size)")
+    p.add_argument("--group-size", type=int, default=4, help="GRPO/RLOO: samples per prompt (TRL's num_generations)")
     p.add_argument("--response-length", type=int, default=24)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--mini-batches", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=4, help="passes over each rollout (TRL: num_ppo_epochs, num_iterations)")
+    p.add_argument("--mini-batches", type=int, default=2,
+                   help="optimizer steps per epoch (TRL: num_mini_batches / steps_per_generation)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: robust on a shared machine)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iterations", type=int, default=20, help="timed iterations per side")
-    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
+    p.add_argument("--sides", default=",".join(SIDES["ppo"]),
+                   help=f"comma-separated subset of {','.join(SIDES['ppo'])} (GRPO/RLOO: {TRL_NOGC} is {TRL})")
     p.add_argument("--no-scaling", action="store_true")
     p.add_argument("--scaling-iterations", type=int, default=3)
     p.add_argument("--scaling-only", action="store_true", help="only the scaling table (no comparison, no speedup line)")
@@ -596,67 +763,64 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15, help="with --ablations: timed rounds per variant")
     a = p.parse_args(argv)
     if a.quick:
-        a.batch_size, a.response_length, a.epochs, a.mini_batches = 4, 4, 1, 1
+        a.batch_size, a.group_size, a.response_length, a.epochs, a.mini_batches = 4, 2, 4, 1, 1
         a.warmup, a.iterations, a.no_scaling = 1, 1, True
+    algos = ALGOS if a.algo == "all" else (a.algo,)
     sides = tuple(x.strip() for x in a.sides.split(",") if x.strip())
-    if not sides or any(x not in SIDES for x in sides) or OURS not in sides:
-        p.error(f"--sides: a subset of {SIDES} that includes {OURS}")
+    if not sides or any(x not in SIDES["ppo"] for x in sides) or OURS not in sides:
+        p.error(f"--sides: a subset of {SIDES['ppo']} that includes {OURS}")
     if a.batch_size % a.mini_batches:
         p.error("--mini-batches must divide --batch-size")
-    s = common.Settings(model=a.model, batch_size=a.batch_size, response_length=a.response_length, epochs=a.epochs,
-                        mini_batches=a.mini_batches, threads=a.threads)
+    base = common.Settings(model=a.model, batch_size=a.batch_size, response_length=a.response_length, epochs=a.epochs,
+                           mini_batches=a.mini_batches, threads=a.threads)
 
     if a.scaling_only:
         print(f"# lightning-rlhf scaling, {datetime.date.today().isoformat()}\nmachine: {machine()}")
         print("| model | batch | response len | work | iter ms | cpu ms | cpu ratio | ratio / work |")
         print("|---|---|---|---|---|---|---|---|")
-        rows = scaling(s, 1, a.scaling_iterations)
+        rows = scaling(base, 1, a.scaling_iterations)
         if a.json:
-            a.json.write_text(json.dumps({"settings": s.as_dict(), "machine": machine(), "scaling": rows}, indent=1))
+            a.json.write_text(json.dumps({"settings": base.as_dict(), "machine": machine(), "scaling": rows}, indent=1))
         return 0
     if a.ablations:
         print(f"# lightning-rlhf speed ablations, {datetime.date.today().isoformat()}")
         print(f"machine: {machine()}")
-        print(f"settings: {json.dumps(s.as_dict())}; {a.rounds} interleaved rounds, medians")
+        print(f"settings: {json.dumps(base.as_dict())}; {a.rounds} interleaved rounds, medians")
         print("| group | timed | variant | wall ms | cpu ms |")
         print("|---|---|---|---|---|")
-        rows = ablations(s, a.rounds, a.compile)
+        rows = ablations(base, a.rounds, a.compile)
         if a.json:
-            a.json.write_text(json.dumps({"settings": s.as_dict(), "machine": machine(), "ablations": rows}, indent=1))
+            a.json.write_text(json.dumps({"settings": base.as_dict(), "machine": machine(), "ablations": rows},
+                                         indent=1))
         return 0
 
-    print(f"# lightning-rlhf vs TRL PPO, {datetime.date.today().isoformat()}")
+    if any(x != "ppo" for x in algos) and (a.group_size < 2 or a.batch_size % a.group_size):
+        p.error("--group-size: at least 2, and a divisor of --batch-size")
+    print(f"# lightning-rlhf vs TRL ({', '.join(x.upper() for x in algos)}), {datetime.date.today().isoformat()}")
     print(f"machine: {machine()}")
-    print(f"versions: {versions()}")
-    print(f"settings: {json.dumps(s.as_dict())}; {a.warmup} warm-up + {a.iterations} timed iterations per side, "
-          f"alternating; medians", flush=True)
-    results = side_by_side(s, sides, a.warmup, a.iterations)
-    summary = {side: summarize(results[side], s) for side in sides}
-    print_table(summary)
-
-    trl_sides = [x for x in (TRL, TRL_NOGC) if x in summary]
-    fastest_trl = min(trl_sides, key=lambda x: summary[x]["iter_ms"]) if trl_sides else None
-    ours = summary[OURS]
-    for x in trl_sides:
-        print(f"{x} / lightning-rlhf: time x{summary[x]['iter_ms'] / ours['iter_ms']:.2f}, "
-              f"cpu x{summary[x]['cpu_ms'] / ours['cpu_ms']:.2f}, rollout x{summary[x]['rollout_ms'] / ours['rollout_ms']:.2f}, "
-              f"update x{summary[x]['update_ms'] / ours['update_ms']:.2f}, iter MB x{summary[x]['iter_mb'] / max(ours['iter_mb'], 1e-9):.2f}, "
-              f"peak MB x{summary[x]['peak_rss_mb'] / ours['peak_rss_mb']:.2f}")
+    print(f"versions: {versions()}", flush=True)
+    comparisons = {}
+    for algo in algos:
+        s = base if algo == "ppo" else group_settings(base, algo, a.group_size)
+        # GRPO/RLOO: TRL as shipped makes no explicit collection, so a request for trl-nogc is one for trl
+        algo_sides = [TRL if x == TRL_NOGC and algo != "ppo" else x for x in sides]
+        comparisons[algo] = compare(s, list(dict.fromkeys(algo_sides)), a.warmup, a.iterations)
+        if algo != "ppo":
+            print_speedup(algo, comparisons[algo])
 
     rows = []
-    if not a.no_scaling:
-        print("\nscaling (lightning-rlhf alone, the points of a model interleaved; ratios of CPU time per iteration "
-              "to the first row of each model, and per unit of work = batch x response length):")
+    if "ppo" in algos and not a.no_scaling:
+        print("\nscaling (lightning-rlhf PPO alone, the points of a model interleaved; ratios of CPU time per "
+              "iteration to the first row of each model, and per unit of work = batch x response length):")
         print("| model | batch | response len | work | iter ms | cpu ms | cpu ratio | ratio / work |")
         print("|---|---|---|---|---|---|---|---|")
-        rows = scaling(s, 1, a.scaling_iterations)
+        rows = scaling(base, 1, a.scaling_iterations)
 
     if a.json:
-        a.json.write_text(json.dumps({"settings": s.as_dict(), "machine": machine(), "versions": versions(),
-                                      "results": results, "summary": summary, "scaling": rows}, indent=1))
-    speedup = summary[fastest_trl]["iter_ms"] / ours["iter_ms"] if fastest_trl else math.nan
-    print(f"speedup against the faster TRL variant ({fastest_trl}), median time per iteration:")
-    print(f"speedup_vs_trl: {speedup:.2f}")
+        a.json.write_text(json.dumps({"machine": machine(), "versions": versions(), "comparisons": comparisons,
+                                      "scaling": rows}, indent=1))
+    if "ppo" in algos:
+        print_speedup("ppo", comparisons["ppo"])
     return 0
 
 

@@ -22,12 +22,16 @@ MODEL_SIZES = {
 
 @dataclass(frozen=True)
 class Settings:
-    """One PPO setting, identical for both frameworks (see bench/RESULTS.md for the PPOConfig mapping)."""
+    """One setting, identical for both frameworks (see bench/RESULTS.md for the mapping to TRL's configs)."""
 
     model: str = "tiny"  # a key of MODEL_SIZES
-    batch_size: int = 16  # prompts per PPO iteration (rollout batch)
-    mini_batches: int = 2  # optimizer steps per PPO epoch
-    epochs: int = 4  # PPO epochs over each rollout batch
+    algo: str = "ppo"  # ppo | grpo | rloo
+    batch_size: int = 16  # prompts per iteration (rollout batch)
+    group_size: int = 1  # samples per prompt (GRPO, RLOO; TRL's num_generations)
+    mini_batches: int = 2  # optimizer steps per epoch
+    epochs: int = 4  # epochs (passes) over each rollout batch
+    agg: str | None = None  # GRPO/RLOO: our algorithm.agg (TRL's loss_type); None: the algorithm file's
+    advantage_scale: str | None = None  # GRPO/RLOO: group advantages / std of group | batch | none; None: the file's
     response_length: int = 24  # max new tokens
     prompt_length: int = 16  # prompts are truncated to this many tokens (BOS included)
     temperature: float = 1.0
@@ -36,11 +40,16 @@ class Settings:
     threads: int = 1  # torch intra-op threads in each process
     seed: int = 0
 
+    def sequences(self) -> int:
+        """Sequences per iteration: every prompt sampled group_size times."""
+        return self.batch_size * self.group_size
+
     def minibatch_size(self) -> int:
-        return self.batch_size // self.mini_batches
+        """Sequences per optimizer step."""
+        return self.sequences() // self.mini_batches
 
     def label(self) -> str:
-        return f"{self.model} B={self.batch_size} T={self.response_length}"
+        return f"{self.model} B={self.batch_size}x{self.group_size} T={self.response_length}"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +98,20 @@ def prompts(tok, settings: Settings, n: int = 512) -> list[list[int]]:
     from lightning_rlhf.data.reviews import generate_prompts
 
     return encode_prompts(tok, generate_prompts(n, seed=settings.seed), settings.prompt_length)
+
+
+def prompt_texts(tok, settings: Settings, n: int = 512) -> list[str]:
+    """The prompts of `prompts` as texts for trainers that tokenize their dataset themselves (TRL's GRPO and
+    RLOO): "<bos> " + words + " ", which the tokenizer maps back to exactly the same ids (checked). The BOS is
+    written out because the review tokenizer adds no special tokens; the trailing space keeps the first word
+    of a completion apart from the prompt's last when TRL concatenates prompt and completion texts for the
+    reward model."""
+    ids = prompts(tok, settings, n)
+    has_bos = lambda row: row[:1] == [tok.bos_token_id]  # not after a left truncation
+    texts = [f"{tok.bos_token} {tok.decode(row[1:])} " if has_bos(row) else f"{tok.decode(row)} " for row in ids]
+    if tok(texts, add_special_tokens=False)["input_ids"] != ids:
+        raise RuntimeError("prompt_texts: the texts do not tokenize back to the benchmark's prompt ids")
+    return texts
 
 
 def count_response_tokens(response_ids, eos_id: int) -> int:

@@ -33,7 +33,7 @@ def sample_responses(policy, prompt_ids, prompt_mask, gen: GenerationConfig, tok
 def forward_logprobs(policy, ref, seqs: Sequences, response_ids, temperature: float, micro_batch_size: int):
     """Policy log-probs, values, entropy and reference log-probs of the response tokens, in chunks.
 
-    -> logprobs, values, entropy, ref_logprobs: each (B, T) fp32.
+    -> logprobs, values, entropy, ref_logprobs: each (B, T) fp32 (values None without a value head).
     """
     T = response_ids.shape[1]
     outs = []
@@ -45,7 +45,7 @@ def forward_logprobs(policy, ref, seqs: Sequences, response_ids, temperature: fl
         r_logits = ref_logits(ref, ids, attn, T).float() / temperature
         outs.append((logprobs_from_logits(logits, tgt), values, entropy_from_logits(logits),
                      logprobs_from_logits(r_logits, tgt)))
-    return [torch.cat(parts) for parts in zip(*outs)]
+    return [None if parts[0] is None else torch.cat(parts) for parts in zip(*outs)]
 
 
 @torch.no_grad()
