@@ -184,9 +184,14 @@ def sweep_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _setting_label(setting: dict) -> str:
+    return ",".join(f"{k.split('.')[-1]}={v}" if len(setting) > 1 else str(v) for k, v in setting.items())
+
+
 def plot_frontier(rows: list[dict], out: Path) -> Optional[Path]:
     """Reward vs KL: one point per setting (mean over seeds, error bars = std), for the proxy reward
-    and the gold score side by side; the SFT policy (KL = 0) as a reference."""
+    and the gold score side by side; the SFT policy (KL = 0) as a reference. Numeric settings (a KL
+    coefficient) are joined by a line; named ones (an algorithm) are points of their own in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,13 +201,19 @@ def plot_frontier(rows: list[dict], out: Path) -> Optional[Path]:
     rows = [r for r in rows if r.get("kl_final", (0, 0, 0))[2]]
     if not panels or not rows:
         return None
+    categorical = any(not isinstance(_number(v), float) for r in rows for v in r["setting"].values())
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), dpi=120, squeeze=False)
     for ax, (y_key, ref_key, title) in zip(axes[0], panels):
         pts = [r for r in rows if r.get(y_key, (0, 0, 0))[2]]
         xs, xerr = [r["kl_final"][0] for r in pts], [r["kl_final"][1] for r in pts]
         ys, yerr = [r[y_key][0] for r in pts], [r[y_key][1] for r in pts]
-        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="o-" if len(pts) > 1 else "o", capsize=3, label="PPO")
-        if len(pts) <= 12:
+        if categorical:  # e.g. one point per algorithm: its own marker and legend entry, no line between
+            for r, x, y, dx, dy in zip(pts, xs, ys, xerr, yerr):
+                ax.errorbar([x], [y], xerr=[dx], yerr=[dy], fmt="o", capsize=3, label=_setting_label(r["setting"]))
+        else:
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="o-" if len(pts) > 1 else "o", capsize=3,
+                        label="mean over seeds")
+        if len(pts) <= 12 and not categorical:
             for r, x, y in zip(pts, xs, ys):
                 ax.annotate(",".join(f"{k.split('.')[-1]}={v}" for k, v in r["setting"].items()), (x, y),
                             fontsize=6, xytext=(3, 3), textcoords="offset points")
