@@ -35,6 +35,15 @@ def _run(tmp_path, *overrides):
     (["stage=ppo", "reward.path=/no/such/rm"], "reward.path"),
     (["stage=train_everything"], "stage"),
     (["generation.top_p=0"], "generation.top_p"),
+    (["algorithm=grpo", "algorithm.group_size=1"], "algorithm.group_size"),
+    (["algorithm=grpo", "trainer.ppo.minibatch_size=24"], "trainer.ppo.minibatch_size"),
+    (["algorithm.critic=false"], "algorithm.critic"),  # PPO's GAE needs the value head
+    (["algorithm.agg=seq-mean"], "algorithm.agg"),
+    (["algorithm.kl.placement=everywhere"], "algorithm.kl.placement"),
+    (["algorithm.kl.estimator=k4"], "algorithm.kl.estimator"),
+    (["algorithm.clip_eps_high=-1"], "algorithm.clip_eps_high"),
+    (["algorithm=grpo", "algorithm.advantage._target_=lightning_rlhf.advantages.no_such"], "algorithm.advantage._target_"),
+    (["algorithm.policy_loss={_target_:no_such_module.loss}"], "algorithm.policy_loss._target_"),
 ])
 def test_bad_value_is_refused_with_the_key_named(tmp_path, overrides, key):
     res = _run(tmp_path, *overrides)
@@ -59,3 +68,18 @@ def test_unknown_option_in_a_dict_merge_is_refused():
 def test_validation_names_nested_key_and_value():
     with pytest.raises(ConfigError, match=r"trainer.ppo.minibatch_size: must divide .*=8 \(got 3\)"):
         tiny_run_config(trainer={"ppo": {"minibatch_size": 3, "micro_batch_size": 1}})
+
+
+def test_algorithm_target_replaces_the_default_arguments():
+    """A new estimator does not inherit GAE's gamma/lam: its _target_ dict replaces the default."""
+    cfg = tiny_run_config(algorithm={"critic": False, "group_size": 2, "advantage": {
+        "_target_": "lightning_rlhf.advantages.group_relative_advantages", "_partial_": True, "scale": "none"}})
+    assert cfg.algorithm.advantage == {"_target_": "lightning_rlhf.advantages.group_relative_advantages",
+                                       "_partial_": True, "scale": "none"}
+    # without a _target_, keys merge into the default (PPO's GAE reads loss.gamma and loss.lam)
+    cfg = tiny_run_config(loss={"gamma": 0.9}, algorithm={"advantage": {"lam": 0.5}})
+    assert cfg.algorithm.advantage["gamma"] == 0.9 and cfg.algorithm.advantage["lam"] == 0.5
+    with pytest.raises(ConfigError, match=r"trainer.ppo.minibatch_size: must divide .* x algorithm.group_size=4"):
+        tiny_run_config(algorithm={"critic": False, "group_size": 4, "advantage": {
+            "_target_": "lightning_rlhf.advantages.group_relative_advantages"}},
+            trainer={"ppo": {"rollout_batch_size": 3, "minibatch_size": 8, "micro_batch_size": 2}})

@@ -8,6 +8,7 @@ Derived sizes are methods; nothing is written back into the config.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from dataclasses import dataclass, field
@@ -584,6 +585,22 @@ class RunConfig:
 TARGET_KEYS = ("algorithm.advantage", "algorithm.policy_loss", "algorithm.stage")
 
 
+def register_schemas() -> None:
+    """Hydra's view of the `algorithm` group: every AlgorithmConfig key, so that `algorithm.KEY=VALUE`
+    works on the command line for every algorithm (conf/algorithm/*.yaml start from it). Its `_target_`
+    dicts are null there: a file or override that sets one replaces it, and `validate` fills in the
+    dataclass default (PPO's GAE, policy_loss, the online stage) where none is set."""
+    from hydra.core.config_store import ConfigStore
+
+    node = OmegaConf.structured(AlgorithmConfig)
+    for key in TARGET_KEYS:
+        node[key.split(".", 1)[1]] = None
+    ConfigStore.instance().store(group="algorithm", name="schema", node=node, package="algorithm")
+
+
+register_schemas()
+
+
 def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or "config"
     msg = str(err).splitlines()[0]
@@ -593,12 +610,15 @@ def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
 def validate(cfg: DictConfig | dict) -> RunConfig:
     """Resolve, type-check and range-check the composed config. Raises ConfigError naming the key."""
     try:
-        container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(cfg)
         container = {k: v for k, v in container.items() if k != "hydra"}
         schema = OmegaConf.structured(RunConfig)
         for key in TARGET_KEYS:  # a new _target_ replaces the default's arguments, never merges with them
-            given = OmegaConf.select(OmegaConf.create(container), key, default=None)
-            if isinstance(given, DictConfig) and "_target_" in given:
+            section, name = key.split(".")
+            given = container.get(section, {}).get(name) if isinstance(container.get(section), dict) else None
+            if given is None and isinstance(container.get(section), dict):
+                container[section].pop(name, None)  # null (the Hydra schema's): the dataclass default
+            elif isinstance(given, dict) and "_target_" in given:
                 OmegaConf.update(schema, key, {}, merge=False)
         merged = OmegaConf.merge(schema, container)
         run_cfg = OmegaConf.to_object(merged)
