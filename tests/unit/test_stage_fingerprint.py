@@ -1,0 +1,48 @@
+"""The stage cache's key covers the code a stage runs, read from its imports (no hand-kept list), and
+the config sections it declares: the algorithm that comes after SFT and the reward model is not one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning_rlhf.stages import cache
+from lightning_rlhf.stages.base import Pipeline, RewardModelStage, SFTStage
+from tests.conftest import tiny_run_config
+
+PACKAGE = Path(cache.__file__).resolve().parents[1]
+
+
+def closure(module: str) -> set[str]:
+    start = PACKAGE / Path(*module.split(".")[1:]).with_suffix(".py")
+    seen, todo = set(), [start]
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo.extend(cache._imports(path, PACKAGE) - seen)
+    return {p.relative_to(PACKAGE).as_posix() for p in seen}
+
+
+def test_the_sft_stage_fingerprints_what_it_imports_and_nothing_of_the_rl_stage():
+    sft = closure(SFTStage.module)
+    assert {"stages/sft.py", "models/loading.py", "models/llama.py", "data/reviews.py", "config.py"} <= sft
+    assert not sft & {"algorithms/online.py", "rollout.py", "update.py", "stages/ppo.py", "train.py"}
+    rm = closure(RewardModelStage.module)
+    assert {"sampling.py", "losses.py", "models/reward.py"} <= rm  # the reward model samples and scores
+    assert cache.code_fingerprint(SFTStage.module) != cache.code_fingerprint(RewardModelStage.module)
+
+
+def test_the_algorithm_does_not_change_the_sft_or_reward_model_key():
+    grpo = {"critic": False, "group_size": 2, "advantage": {
+        "_target_": "lightning_rlhf.advantages.group_relative_advantages", "_partial_": True}}
+    ppo_cfg, grpo_cfg = tiny_run_config(stage="pipeline"), tiny_run_config(stage="pipeline", algorithm=grpo)
+    for stage in ("sft", "rm"):
+        assert cache.stage_key(ppo_cfg, stage) == cache.stage_key(grpo_cfg, stage)
+    assert cache.stage_key(ppo_cfg, "sft", parent=None) != cache.stage_key(ppo_cfg, "rm", parent=None)
+
+
+def test_the_pipeline_chains_what_the_algorithm_stage_needs():
+    learned = tiny_run_config(stage="pipeline", reward={"type": "model", "fn": None, "path": None})
+    assert [s.name for s in Pipeline().chain(learned)] == ["sft", "rm", "ppo"]
+    rule = tiny_run_config(stage="pipeline")  # reward.type=function: no reward model to train
+    assert [s.name for s in Pipeline().chain(rule)] == ["sft", "ppo"]
