@@ -291,6 +291,11 @@ class AlgorithmConfig:
     clip_eps_high: Optional[float] = None  # null -> the low value (symmetric)
     zero_std: str = "keep"  # groups whose rewards are all equal: keep | filter (resample, DAPO's dynamic sampling)
     max_sampling_rounds: int = 4  # zero_std=filter: rollouts per iteration at most
+    # preference optimisation (algorithm=dpo | online_dpo): losses.dpo_loss's options
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo (length-normalised log-ratios) | hinge | robust
+    label_smoothing: float = 0.0  # cDPO / robust DPO: the share of flipped labels assumed
+    nll_coef: float = 0.0  # RPO: + nll_coef * the chosen response's mean token NLL
     stage: Any = field(default_factory=lambda: {"_target_": "lightning_rlhf.stages.ppo.OnlineRLStage"})  # stage=ppo
 
     def clip_range(self, loss: "LossConfig") -> tuple[float, float]:
@@ -314,6 +319,11 @@ class AlgorithmConfig:
             value = getattr(self, key)
             _check(value is None or value > 0, f"algorithm.{key}", "must be > 0 or null", value)
         _choice("algorithm.zero_std", self.zero_std, ("keep", "filter"))
+        _check(self.beta > 0, "algorithm.beta", "must be > 0", self.beta)
+        _choice("algorithm.loss_type", self.loss_type, ("sigmoid", "ipo", "hinge", "robust"))
+        _check(0.0 <= self.label_smoothing < 0.5, "algorithm.label_smoothing", "must be in [0, 0.5)",
+               self.label_smoothing)
+        _check(self.nll_coef >= 0, "algorithm.nll_coef", "must be >= 0", self.nll_coef)
         _check(self.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds", "must be >= 1", self.max_sampling_rounds)
         if self.is_group_estimator() or self.zero_std == "filter":
             _check(self.group_size >= 2, "algorithm.group_size",
@@ -408,16 +418,39 @@ class RMTrainConfig:
 
 
 @dataclass
+class DPOTrainConfig:
+    """Offline preference optimisation (algorithm=dpo): passes over the pairs."""
+
+    epochs: int = 2
+    batch_size: int = 32  # pairs per optimizer step (chosen and rejected in one forward)
+    micro_batch_size: int = 32  # pairs per forward/backward (gradient accumulation)
+    lr: float = 1e-4
+    max_grad_norm: Optional[float] = 1.0
+    max_len: int = 48  # prompt + response tokens of a pair's sequences (responses cut on the right)
+    ref_batch_size: int = 128  # pairs per no-grad reference pass (once, before training)
+
+    def check(self) -> None:
+        for key in ("epochs", "batch_size", "micro_batch_size", "max_len", "ref_batch_size"):
+            _check(getattr(self, key) > 0, f"trainer.dpo.{key}", "must be > 0", getattr(self, key))
+        _check(self.batch_size % self.micro_batch_size == 0, "trainer.dpo.micro_batch_size",
+               f"must divide trainer.dpo.batch_size={self.batch_size}", self.micro_batch_size)
+        _check(self.lr > 0, "trainer.dpo.lr", "must be > 0", self.lr)
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "trainer.dpo.max_grad_norm",
+               "must be > 0 or null", self.max_grad_norm)
+
+
+@dataclass
 class TrainerConfig:
     ppo: PPOTrainConfig = field(default_factory=PPOTrainConfig)
     sft: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     rm: RMTrainConfig = field(default_factory=RMTrainConfig)
+    dpo: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     eval_every: int = 10  # iterations between gold/proxy evaluations on held-out prompts (0 = off)
     log_every: int = 1
     enable_progress_bar: bool = True
 
     def check(self, group_size: int = 1) -> None:
-        self.ppo.check(group_size), self.sft.check(), self.rm.check()
+        self.ppo.check(group_size), self.sft.check(), self.rm.check(), self.dpo.check()
         _check(self.eval_every >= 0, "trainer.eval_every", "must be >= 0", self.eval_every)
         _check(self.log_every > 0, "trainer.log_every", "must be > 0", self.log_every)
 
