@@ -302,6 +302,10 @@ class AlgorithmConfig:
         low = loss.clip_eps if self.clip_eps_low is None else self.clip_eps_low
         return low, low if self.clip_eps_high is None else self.clip_eps_high
 
+    def is_online(self) -> bool:
+        """The online family's stage (sampling, rewards, advantages): PPO, GRPO, ... (not DPO)."""
+        return str(self.stage.get("_target_", "")).endswith(".OnlineRLStage") if isinstance(self.stage, dict) else True
+
     def is_group_estimator(self) -> bool:
         target = str(self.advantage.get("_target_", "")) if isinstance(self.advantage, dict) else ""
         return target.rsplit(".", 1)[-1] in GROUP_ESTIMATORS or (
@@ -328,7 +332,7 @@ class AlgorithmConfig:
         if self.is_group_estimator() or self.zero_std == "filter":
             _check(self.group_size >= 2, "algorithm.group_size",
                    "a group baseline (or zero_std=filter) needs at least 2 samples per prompt", self.group_size)
-        if str(self.advantage.get("_target_", "")).endswith(".gae_advantages"):
+        if self.is_online() and str(self.advantage.get("_target_", "")).endswith(".gae_advantages"):
             _check(self.critic, "algorithm.critic", "GAE needs a critic: set algorithm.critic=true or choose "
                    "another algorithm.advantage", self.critic)
 
