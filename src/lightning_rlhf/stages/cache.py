@@ -8,19 +8,29 @@ read from the code, not a hand-kept list), so a code change never serves a stale
 share one SFT and one reward model; jobs with different seeds get their own (the error bars of a
 seed sweep include SFT and reward-model variance). Entries are folders
 `<cache.dir>/stages/<stage>-<key>/{model/, stage.json}`, published atomically (rename).
+
+Jobs that run at once (a parallel or SLURM sweep) and need the same missing entry wait for the one that
+trains it: the job's rank 0 holds an exclusive lock, `<cache.dir>/locks/<stage>-<key>.lock` (flock),
+from its look-up to the entry's publication, and the waiting job then finds the entry. The other
+ranks of a multi-process job follow rank 0's decision (train or reuse), which it writes beside the
+stage's folder (`.<stage>.cache.json`) before either, so that every rank runs the same stage.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from lightning_rlhf.checkpointing import publish
 from lightning_rlhf.config import RunConfig
@@ -125,23 +135,114 @@ def store(cfg: RunConfig, stage: str, key: str, folder: Path, summary: dict) -> 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def entry_lock(cfg: RunConfig, stage: str, key: str) -> Iterator[None]:
+    """Hold the cache entry's lock (blocking while another job holds it). A cache folder where no lock
+    can be made (read-only) runs without one: the work may be done twice, never wrongly."""
+    path = Path(cfg.cache.dir).expanduser() / "locks" / f"{stage}-{key}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as err:
+        log.warning("stage cache: no lock %s (%s); %s may be trained twice", path, err, stage)
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another job"
+            log.info("%s: waiting for %s, which is training this stage (lock %s)", stage, holder, path)
+            start = time.monotonic()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            log.info("%s: lock acquired after %.0f s", stage, time.monotonic() - start)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{socket.gethostname()} pid {os.getpid()} ({cfg.run_dir})\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _decision_file(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.cache.json")
+
+
+def _read_decision(folder: Path, key: str) -> Optional[str]:
+    try:
+        decision = json.loads(_decision_file(folder).read_text())
+    except (OSError, ValueError):
+        return None
+    return decision.get("decision") if decision.get("key") == key else None
+
+
+def _rank_zero_decides(cfg: RunConfig, stage: str, folder: Path, key: str) -> Optional[dict]:
+    """Rank 0: the cache entry to reuse, or None to train (and store) it; under the entry's lock when
+    training. A run folder that decided to train in an earlier attempt trains again (its other ranks
+    may have read that decision)."""
+    if _read_decision(folder, key) != "train" and (hit := lookup(cfg, stage, key)) is not None:
+        decision = "reuse"
+    else:
+        hit, decision = None, "train"
+    if hit is not None:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if not folder.exists() and not folder.is_symlink():
+            folder.symlink_to(Path(hit["cache"]), target_is_directory=True)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+    write_json(_decision_file(folder), {"key": key, "decision": decision})
+    return hit
+
+
+def _follow_rank_zero(cfg: RunConfig, stage: str, folder: Path, key: str) -> Optional[dict]:
+    """Another rank: rank 0's decision for this stage (waiting for it), as an entry or None (train)."""
+    waited = False
+    while True:
+        decision = _read_decision(folder, key)
+        if decision == "train":
+            return None
+        if decision == "reuse" and (hit := lookup(cfg, stage, key)) is not None:
+            return hit
+        if not waited:
+            log.info("%s: waiting for rank 0 to take it from the cache or to train it", stage)
+            waited = True
+        time.sleep(0.5)
+
+
 def run_stage(cfg: RunConfig, stage: str, folder: Path, fn: Callable[[], dict], key: str) -> dict:
     """The summary of `stage` in `folder`: reused when finished there before (resume), from the cache
-    when cache.enabled and an entry exists (then `folder` links to it), else computed by fn()."""
+    when cache.enabled and an entry exists (then `folder` links to it), else computed by fn() and
+    stored; a job that finds another one training the same entry waits for it (entry_lock)."""
     folder = Path(folder)
     done = folder / STAGE_FILE
     if cfg.resume is not None and done.exists():
         log.info("%s: finished in an earlier attempt of this run, reused", stage)
         return json.loads(done.read_text()) | {"reused": True, "wall_s": 0.0}
-    if cfg.cache.enabled and (hit := lookup(cfg, stage, key)) is not None:
-        log.info("%s: reused from the stage cache %s", stage, hit["cache"])
-        if _is_global_zero() and not folder.exists() and not folder.is_symlink():
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            folder.symlink_to(Path(hit["cache"]), target_is_directory=True)
-        return hit | {"reused": True, "wall_s": 0.0}
+    if not cfg.cache.enabled:
+        return _compute(cfg, stage, folder, fn, key)
+    if not _is_global_zero():
+        hit = _follow_rank_zero(cfg, stage, folder, key)
+        return _reused(stage, hit) if hit is not None else _compute(cfg, stage, folder, fn, key)
+    if (hit := lookup(cfg, stage, key)) is None or _read_decision(folder, key) == "train":
+        with entry_lock(cfg, stage, key):  # held while training: a job needing the same entry waits
+            if (hit := _rank_zero_decides(cfg, stage, folder, key)) is None:
+                return _compute(cfg, stage, folder, fn, key)
+        return _reused(stage, hit)
+    return _reused(stage, _rank_zero_decides(cfg, stage, folder, key))
+
+
+def _reused(stage: str, hit: dict) -> dict:
+    log.info("%s: reused from the stage cache %s", stage, hit["cache"])
+    return hit | {"reused": True, "wall_s": 0.0}
+
+
+def _compute(cfg: RunConfig, stage: str, folder: Path, fn: Callable[[], dict], key: str) -> dict:
     summary = fn()
     if _is_global_zero():
-        write_json(done, summary)
+        write_json(folder / STAGE_FILE, summary)
     if cfg.cache.enabled:
         store(cfg, stage, key, folder, summary)
     return summary | {"reused": False}
