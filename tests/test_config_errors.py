@@ -44,6 +44,10 @@ def _run(tmp_path, *overrides):
     (["algorithm.clip_eps_high=-1"], "algorithm.clip_eps_high"),
     (["algorithm=grpo", "algorithm.advantage._target_=lightning_rlhf.advantages.no_such"], "algorithm.advantage._target_"),
     (["algorithm.policy_loss={_target_:no_such_module.loss}"], "algorithm.policy_loss._target_"),
+    (["algorithm=dpo", "algorithm.loss_type=kto"], "algorithm.loss_type"),
+    (["algorithm=dpo", "algorithm.beta=0"], "algorithm.beta"),
+    (["algorithm=dpo", "algorithm.label_smoothing=0.5"], "algorithm.label_smoothing"),
+    (["algorithm=dpo", "trainer.dpo.micro_batch_size=5"], "trainer.dpo.micro_batch_size"),
 ])
 def test_bad_value_is_refused_with_the_key_named(tmp_path, overrides, key):
     res = _run(tmp_path, *overrides)

@@ -292,3 +292,51 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[to
     with torch.no_grad():
         stats = {"accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
     return loss, stats
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct preference optimisation (Rafailov et al. 2023) and its variants. (B,) x 4 -> scalar, stats.
+
+    Inputs are each pair's summed completion log-probs under the policy and the reference (for IPO
+    the caller passes length-normalised ones). With delta = (chosen - ref_chosen) - (rejected -
+    ref_rejected) and ls = label_smoothing, the mean over pairs of
+        sigmoid: -(1 - ls) log sigmoid(beta delta) - ls log sigmoid(-beta delta)   (DPO; cDPO with ls > 0)
+        ipo:     (delta - 1 / (2 beta))^2                                           (Azar et al. 2023)
+        hinge:   max(0, 1 - beta delta)                                             (SLiC)
+        robust:  (-(1 - ls) log sigmoid(beta delta) + ls log sigmoid(-beta delta)) / (1 - 2 ls)  (Chowdhury et al. 2024)
+    stats (means over pairs, detached): rewards/chosen and rewards/rejected (beta times each
+    log-ratio), rewards/accuracies (share of pairs whose chosen reward is the larger), rewards/margins.
+    """
+    chosen_ratio = chosen_logps.float() - ref_chosen_logps.float()
+    rejected_ratio = rejected_logps.float() - ref_rejected_logps.float()
+    delta = chosen_ratio - rejected_ratio
+    logits = beta * delta
+    ls = label_smoothing
+    F = torch.nn.functional
+    if loss_type == "sigmoid":
+        losses = -(1 - ls) * F.logsigmoid(logits) - ls * F.logsigmoid(-logits)
+    elif loss_type == "ipo":
+        losses = (delta - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - logits)
+    elif loss_type == "robust":
+        losses = (-(1 - ls) * F.logsigmoid(logits) + ls * F.logsigmoid(-logits)) / (1 - 2 * ls)
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; expected one of {list(DPO_LOSSES)}")
+    with torch.no_grad():
+        chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
+        stats = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                 "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+                 "rewards/margins": (chosen_rewards - rejected_rewards).mean()}
+    return losses.mean(), stats

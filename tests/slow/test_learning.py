@@ -36,6 +36,15 @@ def test_grpo_raises_gold_score(tmp_path):
 
 
 @pytest.mark.slow
+def test_dpo_raises_gold_score(tmp_path):
+    """DPO on the reward-model stage's preference pairs (shared with the tests above through the cache)."""
+    summary = run_pipeline(tmp_path, "algorithm=dpo", "trainer.eval_every=1000")
+    assert summary["algorithm"] == "dpo"
+    assert summary["gold_score_final"] - summary["gold_score_sft"] >= 0.3, summary
+    assert summary["proxy_reward_final"] > summary["proxy_reward_sft"], summary
+
+
+@pytest.mark.slow
 def test_pipeline_raises_gold_score(tmp_path):
     summary = run_pipeline(tmp_path)
     assert summary["rm_accuracy"] >= 0.7, summary

@@ -1,0 +1,215 @@
+"""The preference family: direct preference optimisation (DPO, IPO, cDPO, robust DPO, RPO) on pairs
+(prompt, chosen, rejected) against a frozen reference. One training step = one optimizer step on
+`trainer.dpo.batch_size` pairs (per rank), split into micro-batches.
+
+The reference log-probs are computed once, before training, by one no-grad pass over the pairs
+(`precompute_reference`), kept beside the pairs and saved in checkpoints. Chosen and rejected of a
+micro-batch go through one forward pass ([prompts; prompts] + [chosen; rejected], trimmed to the
+micro-batch's own widths). The loss is `losses.dpo_loss` (+ `nll_coef` times the chosen response's
+mean token NLL, RPO); micro-batches are weighted by their share of the global batch's pairs, so
+accumulation and several ranks give the single-batch update.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset
+
+from lightning_rlhf.config import RunConfig
+from lightning_rlhf.data.prompts import left_pad
+from lightning_rlhf.losses import dpo_loss, logprobs_from_logits
+from lightning_rlhf.metrics import publish_metrics
+from lightning_rlhf.models.policy import ref_logits
+from lightning_rlhf.strategies import (make_optimizer, micro_batch_context, prepare_frozen, rollout_context,
+                                       set_gradient_clipping)
+
+FROZEN_PREFIXES = ("ref_model.", "reward.")
+
+# a pair: (prompt ids, chosen response ids, rejected response ids); responses end with their EOS
+Pair = tuple[list[int], list[int], list[int]]
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+    """B pairs -> 2B sequences, the chosen ones first: prompt_ids/prompt_mask (2B, P) left padded,
+    response_ids/response_mask (2B, T) right padded, both trimmed to this batch's widths."""
+    prompts = [p for p, _, _ in pairs] * 2
+    responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    T = max(len(r) for r in responses)
+    response_ids = torch.full((len(responses), T), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(responses), T), dtype=torch.bool)
+    for i, r in enumerate(responses):
+        response_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        response_mask[i, : len(r)] = True
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+            "response_mask": response_mask}
+
+
+def response_logps(logits_fn, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs of the response tokens. logits_fn(input_ids, attention_mask, T) -> (2B, T, V);
+    -> (2B, T) fp32, 0 on padding."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["response_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["response_mask"]], dim=1).long()
+    logits = logits_fn(input_ids, attention_mask, batch["response_ids"].shape[1]).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = logprobs_from_logits(logits, batch["response_ids"])
+    return torch.where(batch["response_mask"], logps, torch.zeros_like(logps))
+
+
+class PairBatches(Dataset):
+    """Item i is the batch of optimizer step i: pair indices, a fixed function of (seed, i, rank).
+
+    Pairs are drawn epoch by epoch from seeded permutations, every pair once per epoch (the last
+    partial global batch of an epoch is dropped); rank r of `world` takes its own slice.
+    """
+
+    def __init__(self, n_pairs: int, batch_size: int, epochs: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n_pairs, batch_size, seed, rank, world_size
+        self.steps_per_epoch = n_pairs // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n_pairs} preference pairs are fewer than one global batch of {batch_size * world_size}")
+        self.steps = self.steps_per_epoch * epochs
+
+    def __len__(self) -> int:
+        return self.steps
+
+    @functools.lru_cache(maxsize=2)
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        epoch, step = divmod(i, self.steps_per_epoch)
+        start = (step * self.world + self.rank) * self.batch_size
+        return self._permutation(epoch)[start: start + self.batch_size]
+
+
+class DPOModule(L.LightningModule):
+    """`policy`: a PolicyWithValueHead without a value head; `ref_model`: the frozen reference (a causal
+    LM, or the LoRA backbone with its adapters off); `reward`: the learned reward model, only for the
+    held-out evaluations (proxy reward); `pairs`: the training pairs."""
+
+    def __init__(self, policy, ref_model, reward, tokenizer, cfg: RunConfig, pairs: list[Pair]):
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy, self.tokenizer, self.cfg, self.pairs = policy, tokenizer, cfg, pairs
+        self.__dict__["ref_model"] = ref_model.requires_grad_(False).eval()
+        self.__dict__["reward"] = reward.requires_grad_(False).eval() if reward is not None else None
+        # (N, 2): the reference's summed log-probs of each pair's chosen and rejected response
+        self.register_buffer("ref_logps", torch.zeros(len(pairs), 2), persistent=False)
+        self.ref_ready = False
+        self.kl_ctl = None  # the evaluations' interface (the online family has a KL controller)
+
+    # ---- the reference, once -------------------------------------------------------------------
+    @torch.no_grad()
+    def precompute_reference(self, batch_size: int | None = None) -> None:
+        """One no-grad pass of the reference over every pair: self.ref_logps (N, 2)."""
+        batch_size = batch_size or self.cfg.trainer.dpo.ref_batch_size
+        device = next(self.policy.parameters()).device
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(self.pairs), batch_size):
+                batch = {k: v.to(device) for k, v in collate_pairs(self.pairs[i: i + batch_size],
+                                                                   self.tokenizer.pad_token_id).items()}
+                logps = response_logps(functools.partial(ref_logits, self.ref_model), batch,
+                                       self.cfg.generation.temperature)
+                out.append(self._summed(logps, batch["response_mask"]).view(2, -1).T)
+        self.ref_logps = torch.cat(out).clone().to(device)
+        self.ref_ready = True
+
+    def _summed(self, logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(2B, T) token log-probs -> (2B,) sums, divided by the length for IPO (length-normalised)."""
+        total = logps.sum(-1)
+        return total / mask.sum(-1).clamp(min=1) if self.cfg.algorithm.loss_type == "ipo" else total
+
+    # ---- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        dpo = self.cfg.trainer.dpo
+        set_gradient_clipping(self.trainer, dpo.max_grad_norm)
+        return make_optimizer(self.trainer, [p for p in self.policy.parameters() if p.requires_grad], dpo.lr, 0.0)
+
+    def on_fit_start(self) -> None:
+        self.__dict__["ref_model"] = prepare_frozen(self.trainer, self.ref_model)
+        if self.reward is not None:
+            self.__dict__["reward"] = prepare_frozen(self.trainer, self.reward)
+        if not self.ref_ready:
+            with rollout_context(self.trainer):
+                self.precompute_reference()
+
+    def on_fit_end(self) -> None:
+        device = next(self.policy.parameters()).device
+        self.ref_model.to(device)
+        if self.reward is not None:
+            self.reward.to(device)
+
+    def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size == 1:
+            return x
+        return self.trainer.strategy.reduce(x.detach().clone(), reduce_op="sum")
+
+    def pair_loss(self, pairs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The DPO loss (mean over the pairs `pairs`, a (b,) index tensor) and its statistics."""
+        a = self.cfg.algorithm
+        batch = {k: v.to(self.device) for k, v in collate_pairs([self.pairs[int(i)] for i in pairs],
+                                                               self.tokenizer.pad_token_id).items()}
+        logps = response_logps(lambda ids, m, T: self.policy(ids, m, T, with_values=False)[0], batch,
+                               self.cfg.generation.temperature)
+        chosen, rejected = self._summed(logps, batch["response_mask"]).chunk(2)
+        ref = self.ref_logps[pairs.to(self.ref_logps.device)]
+        loss, stats = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], a.beta, a.loss_type, a.label_smoothing)
+        stats["loss/dpo"] = loss.detach()
+        if a.nll_coef > 0:  # RPO: the chosen response's mean token NLL
+            chosen_mask = batch["response_mask"].chunk(2)[0]
+            nll = -(logps.chunk(2)[0].sum(-1) / chosen_mask.sum(-1).clamp(min=1)).mean()
+            loss = loss + a.nll_coef * nll
+            stats["loss/nll"] = nll.detach()
+        stats["logps/chosen"], stats["logps/rejected"] = chosen.detach().mean(), rejected.detach().mean()
+        return loss, stats
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int):
+        t0 = time.perf_counter()
+        self.policy.train()
+        dpo, world = self.cfg.trainer.dpo, self.trainer.world_size
+        opt = self.optimizers()
+        n_local = torch.tensor(float(len(batch)), device=self.device)
+        n_global = self._global_sum(n_local)
+        micro = batch.split(dpo.micro_batch_size)
+        sums = {}
+        for i, index in enumerate(micro):
+            with micro_batch_context(self.trainer, sync=i == len(micro) - 1):
+                loss, stats = self.pair_loss(index)
+                self.manual_backward(loss * (len(index) * world / n_global))
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v * (len(index) / len(batch))
+        if dpo.max_grad_norm is not None:
+            self.clip_gradients(opt, gradient_clip_val=dpo.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sums["perf/step_s"] = torch.tensor(time.perf_counter() - t0)
+        values = torch.stack([v.detach().to(self.device, torch.float32).reshape(()) for v in sums.values()])
+        metrics = dict(zip(sums, (self._global_sum(values) / world).tolist()))
+        publish_metrics(self.trainer, metrics, prog_bar={"loss": "loss/dpo", "acc": "rewards/accuracies"})
+
+    # ---- checkpoints: the reference log-probs travel with the policy ----------------------------
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in state.items() if not k.startswith(FROZEN_PREFIXES)}
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        missing, unexpected = super().load_state_dict(state_dict, strict=False, **kwargs)
+        missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return missing, unexpected
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["dpo_ref_logps"] = self.ref_logps.detach().cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "dpo_ref_logps" in checkpoint:
+            self.ref_logps = checkpoint["dpo_ref_logps"].to(self.ref_logps.device)
+            self.ref_ready = True

@@ -1,0 +1,143 @@
+"""The DPO stage (algorithm=dpo): the SFT policy trained on preference pairs against its frozen copy,
+evaluated on held-out prompts as the online stage is (gold score, the learned reward model's proxy
+reward, KL to the reference), with the same summary keys, plots, samples and checkpoints.
+
+The pairs: on the review world, the reward-model stage's own (the same prompts, the same SFT samples,
+the same simulated labeller and seed: `review_pairs` repeats its steps), minus its held-out share;
+with data=files, data.preferences' training rows, rendered by the chat template.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from lightning_rlhf.algorithms.preference import DPOModule, Pair, PairBatches
+from lightning_rlhf.checkpointing import IterationSampler, PPOCheckpoint, checkpoint_dir, config_hash
+from lightning_rlhf.config import RunConfig
+from lightning_rlhf.data.prompts import encode_prompts, fit_prompts, left_pad
+from lightning_rlhf.models.loading import load_causal_lm, load_tokenizer
+from lightning_rlhf.models.lora import build_policy_and_ref
+from lightning_rlhf.stages.base import Stage
+from lightning_rlhf.stages.common import build_trainer
+
+log = logging.getLogger("lightning_rlhf")
+
+
+def review_pairs(cfg: RunConfig, lm, tokenizer) -> list[Pair]:
+    """The reward-model stage's training pairs of the review world, split into prompt and responses:
+    its prompts, two samples of the SFT policy `lm` each (seeded as that stage seeds them) and the
+    simulated human's labels. Call right after seeding and loading `lm`, as run_rm does."""
+    from lightning_rlhf.data.reviews import generate_prompts
+    from lightning_rlhf.stages.rm import label_pairs, sample_pairs
+
+    prompts = generate_prompts(cfg.trainer.rm.num_pairs, seed=cfg.data.seed + 7, split="train")
+    rows = label_pairs(sample_pairs(lm.eval(), tokenizer, prompts, cfg), cfg)
+    encoded = encode_prompts(tokenizer, prompts, cfg.data.max_prompt_len)
+    n_val = max(1, int(len(rows) * cfg.trainer.rm.heldout_fraction))  # run_rm's held-out rows come first
+    pairs = [(p, c[len(p):], r[len(p):]) for p, (c, r, _) in zip(encoded, rows)]
+    return pairs[n_val:]
+
+
+def file_pairs(cfg: RunConfig, tokenizer) -> list[Pair]:
+    """data.preferences' training rows: (prompt, chosen, rejected) ids, [BOS] prompt, responses ending in EOS."""
+    from lightning_rlhf.data.files import load_preferences
+    from lightning_rlhf.stages.sft import encode_demonstrations
+
+    data, max_len = cfg.data, cfg.trainer.dpo.max_len
+    triples = load_preferences(data, tokenizer, cfg.trainer.rm.heldout_fraction)[0]
+    keep = fit_prompts(tokenizer, [t[0] for t in triples], data.max_prompt_len, data.long_prompts,
+                       "data.preferences (DPO pairs)")
+    triples = [triples[i] for i in keep]
+    chosen = encode_demonstrations(tokenizer, [(p, c) for p, c, _ in triples], max_len, data.max_prompt_len)
+    rejected = encode_demonstrations(tokenizer, [(p, r) for p, _, r in triples], max_len, data.max_prompt_len)
+    return [(c[:n], c[n:], r[m:]) for (c, n), (r, m) in zip(chosen, rejected) if n < len(c) and m < len(r)]
+
+
+def run_dpo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward_path: str | None = None,
+            ckpt_path: Path | None = None) -> dict:
+    """Fit DPO in `folder` (checkpoints in checkpoint.dir); from `ckpt_path` when given (resume)."""
+    from lightning_rlhf.stages.ppo import EvalEvery, build_reward, prompt_texts, save_policy
+
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model_cfg = cfg.model if policy_path is None else dataclasses.replace(cfg.model, name_or_path=policy_path, config=None)
+    tokenizer = load_tokenizer(policy_path or cfg.model.tokenizer or cfg.model.name_or_path)
+    pairs = file_pairs(cfg, tokenizer) if cfg.data.source == "files" else None  # data errors before the model
+    lm = load_causal_lm(model_cfg, tokenizer, cfg.seed)
+    if pairs is None:
+        pairs = review_pairs(cfg, lm, tokenizer)
+    log.info("DPO on %d preference pairs", len(pairs))
+    policy, ref = build_policy_and_ref(lm, cfg.model.lora, value_head=False)  # with LoRA: ref = adapters off
+    reward = build_reward(cfg, tokenizer, reward_path)
+    gold_fn = instantiate(cfg.data.gold) if cfg.data.gold else None
+    module = DPOModule(policy, ref, reward, tokenizer, cfg, pairs)
+
+    dpo, ckpt = cfg.trainer.dpo, cfg.checkpoint
+    eval_batch = left_pad(encode_prompts(tokenizer, prompt_texts(cfg, "heldout", cfg.data.num_eval_prompts, tokenizer),
+                                         cfg.data.max_prompt_len), tokenizer.pad_token_id)
+    samples_every = cfg.logger.samples_every if cfg.logger.name == "wandb" else None
+    evaluator = EvalEvery(module, eval_batch, gold_fn, cfg.trainer.eval_every, folder, samples_every)
+    sampler = IterationSampler(0)
+    checkpointer = PPOCheckpoint(checkpoint_dir(cfg, folder), ckpt.every if ckpt.enabled else 0, ckpt.keep_last,
+                                 0, sampler, config_hash(cfg), save_final=ckpt.enabled)
+    trainer = build_trainer(cfg, folder, "dpo", max_epochs=1, callbacks=[evaluator, checkpointer])
+    dataset = PairBatches(len(pairs), dpo.batch_size, dpo.epochs, cfg.seed, trainer.global_rank, trainer.world_size)
+    steps = len(dataset)  # known once the trainer knows the ranks
+    sampler.n = evaluator.iterations = checkpointer.iterations = steps
+    evaluator.loggers = trainer.loggers
+    loader = DataLoader(dataset, batch_size=None, sampler=sampler)
+    if ckpt_path is None:
+        evaluator.run(0)
+    else:
+        log.info("resuming DPO from %s", ckpt_path)
+    trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=False)
+    initial, final = evaluator.history[0], evaluator.run(steps)
+    if trainer.is_global_zero:
+        save_policy(policy, tokenizer, folder / "policy")
+    trainer.strategy.barrier()
+    result = {
+        "resumed_from_iteration": checkpointer.resumed_from,
+        "proxy_reward_initial": initial["val/proxy_reward"],
+        "proxy_reward_final": final["val/proxy_reward"],
+        "kl_final": final["val/kl"],
+        "num_pairs": len(pairs),
+        "optimizer_steps": steps,
+        "wall_s": time.perf_counter() - t0,
+        "policy": str(folder / "policy"),
+    }
+    if gold_fn is not None:
+        result |= {"gold_score_initial": initial["val/gold_score"], "gold_score_final": final["val/gold_score"]}
+    result["samples"] = {"initial": evaluator.samples[0], "final": evaluator.samples[steps]}
+    return result
+
+
+class DPOStage(Stage):
+    """`algorithm=dpo`: after SFT and the reward-model stage (whose pairs it trains on, and whose model
+    gives the proxy reward of the evaluations)."""
+
+    name, module = "dpo", "lightning_rlhf.stages.dpo"
+    summary_keys = ("proxy_reward_initial", "proxy_reward_final", "kl_final", "gold_score_initial", "gold_score_final",
+                    "wall_s")
+
+    def needs(self, cfg):
+        return ("sft", "rm") if cfg.reward.type == "model" else ("sft",)
+
+    def run(self, cfg, folder, policy_path=None, reward_path=None, **inputs):
+        from lightning_rlhf.checkpointing import find_resume_checkpoint, remember_run
+        from lightning_rlhf.report import plot_curves, samples_table
+
+        ckpt_path = find_resume_checkpoint(cfg)
+        if cfg.checkpoint.enabled:
+            remember_run(cfg, checkpoint_dir(cfg, folder))
+        result = run_dpo(cfg, folder, policy_path=policy_path, reward_path=reward_path, ckpt_path=ckpt_path)
+        samples = result.pop("samples")
+        (folder / "samples.md").write_text(samples_table(samples["initial"], samples["final"]))
+        plot_curves(folder / "metrics.csv", folder / "eval.csv", folder / "plots")
+        return result | {"algorithm": cfg.algorithm.name}
