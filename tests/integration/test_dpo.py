@@ -128,3 +128,31 @@ def test_dpo_pipeline_on_the_review_world(tmp_path):
     assert (run / "policy" / "config.json").exists() and not (run / "policy" / "value_head.pt").exists()
     assert (run / "samples.md").exists() and (run / "eval.csv").exists() and (run / "plots" / "kl.png").exists()
     assert list((run / "checkpoints").glob("iter-*.ckpt"))
+
+
+def test_online_dpo_samples_pairs_from_the_policy_and_trains_on_them(tmp_path, tokenizer):
+    from lightning_rlhf.algorithms.preference import OnlineDPOModule
+    from lightning_rlhf.data.prompts import PromptBatches, encode_prompts
+    from lightning_rlhf.data.reviews import generate_prompts
+    from lightning_rlhf.models.reward import FunctionReward
+
+    cfg = tiny_run_config(algorithm={"name": "online_dpo", "critic": False, "group_size": 2,
+                                     "stage": {"_target_": "lightning_rlhf.stages.dpo.DPOStage", "fit": "online"}},
+                          trainer={"ppo": {"iterations": 2, "rollout_batch_size": 4, "minibatch_size": 4,
+                                           "micro_batch_size": 2, "epochs": 2, "lr": 1e-2}})
+    lm = load_causal_lm(cfg.model, tokenizer, seed=0)
+    length = FunctionReward(lambda prompts, responses: [float(len(r.split())) for r in responses])
+    module = OnlineDPOModule(PolicyWithValueHead(lm, value_head=False), frozen_copy(lm), length, tokenizer, cfg)
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    prompts = encode_prompts(tokenizer, generate_prompts(32, seed=0), cfg.data.max_prompt_len)
+    trainer = build_trainer(cfg, tmp_path, "online_dpo", max_epochs=1)
+    trainer.fit(module, DataLoader(PromptBatches(prompts, 4, 2, tokenizer.pad_token_id), batch_size=None))
+    assert any(not torch.equal(v, module.policy.state_dict()[k]) for k, v in before.items())
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert metrics["policy/optimizer_steps"] == 4  # 2 epochs x 4 pairs / (4 / 2) pairs a step
+    assert {"rewards/accuracies", "rollout/pair_score_margin", "objective/score"} <= set(metrics)
+    # the last iteration's pairs: the chosen response never scores below the rejected one
+    for (_, chosen, rejected) in module.pairs:
+        text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        assert len(text(chosen).split()) >= len(text(rejected).split())
+    assert module.ref_logps.shape == (4, 2)

@@ -170,29 +170,38 @@ class DPOModule(L.LightningModule):
         stats["logps/chosen"], stats["logps/rejected"] = chosen.detach().mean(), rejected.detach().mean()
         return loss, stats
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int):
-        t0 = time.perf_counter()
-        self.policy.train()
-        dpo, world = self.cfg.trainer.dpo, self.trainer.world_size
+    def dpo_step(self, pairs: torch.Tensor, micro_batch_size: int, max_grad_norm) -> dict[str, torch.Tensor]:
+        """One optimizer step on this rank's pairs `pairs` ((b,) indices), in micro-batches weighted by
+        their share of the global batch's pairs. -> this rank's mean statistics."""
+        world = self.trainer.world_size
         opt = self.optimizers()
-        n_local = torch.tensor(float(len(batch)), device=self.device)
-        n_global = self._global_sum(n_local)
-        micro = batch.split(dpo.micro_batch_size)
+        n_global = self._global_sum(torch.tensor(float(len(pairs)), device=self.device))
+        micro = pairs.split(micro_batch_size)
         sums = {}
         for i, index in enumerate(micro):
             with micro_batch_context(self.trainer, sync=i == len(micro) - 1):
                 loss, stats = self.pair_loss(index)
                 self.manual_backward(loss * (len(index) * world / n_global))
             for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v * (len(index) / len(batch))
-        if dpo.max_grad_norm is not None:
-            self.clip_gradients(opt, gradient_clip_val=dpo.max_grad_norm, gradient_clip_algorithm="norm")
+                sums[k] = sums.get(k, 0.0) + v * (len(index) / len(pairs))
+        if max_grad_norm is not None:
+            self.clip_gradients(opt, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sums["perf/step_s"] = torch.tensor(time.perf_counter() - t0)
-        values = torch.stack([v.detach().to(self.device, torch.float32).reshape(()) for v in sums.values()])
-        metrics = dict(zip(sums, (self._global_sum(values) / world).tolist()))
+        return sums
+
+    def publish(self, stats: dict[str, torch.Tensor]) -> None:
+        """Means over ranks, in one all-reduce, to Lightning's callbacks, progress bar and loggers."""
+        values = torch.stack([v.detach().to(self.device, torch.float32).reshape(()) for v in stats.values()])
+        metrics = dict(zip(stats, (self._global_sum(values) / self.trainer.world_size).tolist()))
         publish_metrics(self.trainer, metrics, prog_bar={"loss": "loss/dpo", "acc": "rewards/accuracies"})
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int):
+        t0 = time.perf_counter()
+        self.policy.train()
+        dpo = self.cfg.trainer.dpo
+        stats = self.dpo_step(batch, dpo.micro_batch_size, dpo.max_grad_norm)
+        self.publish(stats | {"perf/step_s": torch.tensor(time.perf_counter() - t0)})
 
     # ---- checkpoints: the reference log-probs travel with the policy ----------------------------
     def state_dict(self, *args, **kwargs):
@@ -213,3 +222,73 @@ class DPOModule(L.LightningModule):
         if "dpo_ref_logps" in checkpoint:
             self.ref_logps = checkpoint["dpo_ref_logps"].to(self.ref_logps.device)
             self.ref_ready = True
+
+
+class OnlineDPOModule(DPOModule):
+    """Online DPO (Guo et al. 2024): each iteration the current policy samples two completions per
+    prompt (the online family's rollout, `rollout.collect_rollout` with group_size 2), the reward picks
+    the chosen one, and `trainer.ppo.epochs` passes of DPO steps over those pairs follow, against the
+    frozen reference whose log-probs the rollout computed anyway. Ties count as pairs in sample order."""
+
+    def __init__(self, policy, ref_model, reward, tokenizer, cfg: RunConfig):
+        super().__init__(policy, ref_model, reward, tokenizer, cfg, pairs=[])
+        from lightning_rlhf.models.reward import ScoreProcessor
+
+        self.score_processor = ScoreProcessor(cfg.reward.clip, cfg.reward.normalize, cfg.reward.missing_eos_penalty)
+        self.ref_ready = True  # the rollout brings them
+
+    def configure_optimizers(self):
+        ppo = self.cfg.trainer.ppo
+        set_gradient_clipping(self.trainer, ppo.max_grad_norm)
+        return make_optimizer(self.trainer, [p for p in self.policy.parameters() if p.requires_grad], ppo.lr,
+                              ppo.weight_decay)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.score_processor.double()
+
+    @torch.no_grad()
+    def collect_pairs(self, prompt_ids, prompt_mask) -> dict[str, torch.Tensor]:
+        """Sample 2 completions per prompt; self.pairs / self.ref_logps become this iteration's pairs."""
+        from lightning_rlhf.rollout import collect_rollout
+
+        cfg = self.cfg
+        self.policy.eval()
+        all_reduce = (lambda t: self.trainer.strategy.reduce(t.clone(), reduce_op="sum")) if self.trainer.world_size > 1 else None
+        with rollout_context(self.trainer):
+            exp, stats = collect_rollout(self.policy, self.ref_model, self.reward, self.score_processor, self.tokenizer,
+                                         prompt_ids, prompt_mask, cfg.generation, "k1",
+                                         cfg.trainer.ppo.rollout_micro_batch_size, 2, all_reduce)
+        first_wins = exp.scores[0::2] >= exp.scores[1::2]  # (N,)
+        ref = torch.where(exp.response_mask, exp.ref_logprobs, torch.zeros_like(exp.ref_logprobs))
+        ref = self._summed(ref, exp.response_mask).view(-1, 2)
+        self.pairs, ref_logps = [], []
+        for g in range(len(first_wins)):
+            c, r = (2 * g, 2 * g + 1) if first_wins[g] else (2 * g + 1, 2 * g)
+            prompt = exp.prompt_ids[c][exp.prompt_mask[c]].tolist()
+            chosen, rejected = (exp.response_ids[i][exp.response_mask[i]].tolist() for i in (c, r))
+            self.pairs.append((prompt, chosen, rejected))
+            ref_logps.append(ref[g] if first_wins[g] else ref[g].flip(0))
+        self.ref_logps = torch.stack(ref_logps)
+        margin = (exp.scores[0::2] - exp.scores[1::2]).abs()
+        return stats | {"rollout/pair_score_margin": margin.mean(), "rollout/tie_frac": (margin == 0).float().mean()}
+
+    def training_step(self, batch, batch_idx):
+        t0 = time.perf_counter()
+        stats = self.collect_pairs(batch["prompt_ids"], batch["prompt_mask"])
+        t1 = time.perf_counter()
+        self.policy.train()
+        ppo, sums, steps = self.cfg.trainer.ppo, {}, 0
+        pairs_per_step = max(1, ppo.minibatch_size // 2)
+        for _ in range(ppo.epochs):
+            order = torch.randperm(len(self.pairs))
+            for index in order.split(pairs_per_step):
+                step = self.dpo_step(index, max(1, ppo.micro_batch_size // 2), ppo.max_grad_norm)
+                for k, v in step.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps += 1
+        stats |= {k: v / steps for k, v in sums.items()}
+        stats |= {"perf/rollout_s": torch.tensor(t1 - t0), "perf/update_s": torch.tensor(time.perf_counter() - t1),
+                  "policy/optimizer_steps": torch.tensor(float(steps))}
+        self.publish(stats)
+

@@ -1,4 +1,4 @@
-"""The DPO stage (algorithm=dpo): the SFT policy trained on preference pairs against its frozen copy,
+"""The DPO stages (algorithm=dpo, algorithm=online_dpo): the SFT policy trained on preference pairs against its frozen copy,
 evaluated on held-out prompts as the online stage is (gold score, the learned reward model's proxy
 reward, KL to the reference), with the same summary keys, plots, samples and checkpoints.
 
@@ -18,10 +18,10 @@ import lightning as L
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from lightning_rlhf.algorithms.preference import DPOModule, Pair, PairBatches
+from lightning_rlhf.algorithms.preference import DPOModule, OnlineDPOModule, Pair, PairBatches
 from lightning_rlhf.checkpointing import IterationSampler, PPOCheckpoint, checkpoint_dir, config_hash
 from lightning_rlhf.config import RunConfig
-from lightning_rlhf.data.prompts import encode_prompts, fit_prompts, left_pad
+from lightning_rlhf.data.prompts import PromptBatches, encode_prompts, fit_prompts, left_pad
 from lightning_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lightning_rlhf.models.lora import build_policy_and_ref
 from lightning_rlhf.stages.base import Stage
@@ -60,26 +60,21 @@ def file_pairs(cfg: RunConfig, tokenizer) -> list[Pair]:
     return [(c[:n], c[n:], r[m:]) for (c, n), (r, m) in zip(chosen, rejected) if n < len(c) and m < len(r)]
 
 
-def run_dpo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward_path: str | None = None,
-            ckpt_path: Path | None = None) -> dict:
-    """Fit DPO in `folder` (checkpoints in checkpoint.dir); from `ckpt_path` when given (resume)."""
-    from lightning_rlhf.stages.ppo import EvalEvery, build_reward, prompt_texts, save_policy
-
-    t0 = time.perf_counter()
+def load_policy(cfg: RunConfig, policy_path: str | None):
+    """-> tokenizer, causal LM (the SFT policy at `policy_path`, else model.*), after seeding as run_rm does."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model_cfg = cfg.model if policy_path is None else dataclasses.replace(cfg.model, name_or_path=policy_path, config=None)
     tokenizer = load_tokenizer(policy_path or cfg.model.tokenizer or cfg.model.name_or_path)
-    pairs = file_pairs(cfg, tokenizer) if cfg.data.source == "files" else None  # data errors before the model
-    lm = load_causal_lm(model_cfg, tokenizer, cfg.seed)
-    if pairs is None:
-        pairs = review_pairs(cfg, lm, tokenizer)
-    log.info("DPO on %d preference pairs", len(pairs))
-    policy, ref = build_policy_and_ref(lm, cfg.model.lora, value_head=False)  # with LoRA: ref = adapters off
-    reward = build_reward(cfg, tokenizer, reward_path)
-    gold_fn = instantiate(cfg.data.gold) if cfg.data.gold else None
-    module = DPOModule(policy, ref, reward, tokenizer, cfg, pairs)
+    return tokenizer, model_cfg
 
-    dpo, ckpt = cfg.trainer.dpo, cfg.checkpoint
+
+def fit_and_evaluate(cfg: RunConfig, folder: Path, module, make_dataset, ckpt_path: Path | None, t0: float) -> dict:
+    """Held-out evaluations before, every trainer.eval_every steps and after; checkpoints; the fit over
+    `make_dataset(trainer)` (item i: the batch of step i); the policy saved. -> the stage's summary."""
+    from lightning_rlhf.stages.ppo import EvalEvery, prompt_texts, save_policy
+
+    tokenizer, ckpt = module.tokenizer, cfg.checkpoint
+    gold_fn = instantiate(cfg.data.gold) if cfg.data.gold else None
     eval_batch = left_pad(encode_prompts(tokenizer, prompt_texts(cfg, "heldout", cfg.data.num_eval_prompts, tokenizer),
                                          cfg.data.max_prompt_len), tokenizer.pad_token_id)
     samples_every = cfg.logger.samples_every if cfg.logger.name == "wandb" else None
@@ -87,42 +82,83 @@ def run_dpo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward
     sampler = IterationSampler(0)
     checkpointer = PPOCheckpoint(checkpoint_dir(cfg, folder), ckpt.every if ckpt.enabled else 0, ckpt.keep_last,
                                  0, sampler, config_hash(cfg), save_final=ckpt.enabled)
-    trainer = build_trainer(cfg, folder, "dpo", max_epochs=1, callbacks=[evaluator, checkpointer])
-    dataset = PairBatches(len(pairs), dpo.batch_size, dpo.epochs, cfg.seed, trainer.global_rank, trainer.world_size)
+    trainer = build_trainer(cfg, folder, cfg.algorithm.name, max_epochs=1, callbacks=[evaluator, checkpointer])
+    evaluator.loggers = trainer.loggers
+    dataset = make_dataset(trainer)
     steps = len(dataset)  # known once the trainer knows the ranks
     sampler.n = evaluator.iterations = checkpointer.iterations = steps
-    evaluator.loggers = trainer.loggers
-    loader = DataLoader(dataset, batch_size=None, sampler=sampler)
     if ckpt_path is None:
         evaluator.run(0)
     else:
-        log.info("resuming DPO from %s", ckpt_path)
-    trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=False)
+        log.info("resuming %s from %s", cfg.algorithm.name, ckpt_path)
+    trainer.fit(module, DataLoader(dataset, batch_size=None, sampler=sampler), ckpt_path=ckpt_path, weights_only=False)
     initial, final = evaluator.history[0], evaluator.run(steps)
     if trainer.is_global_zero:
-        save_policy(policy, tokenizer, folder / "policy")
+        save_policy(module.policy, tokenizer, folder / "policy")
     trainer.strategy.barrier()
     result = {
         "resumed_from_iteration": checkpointer.resumed_from,
         "proxy_reward_initial": initial["val/proxy_reward"],
         "proxy_reward_final": final["val/proxy_reward"],
         "kl_final": final["val/kl"],
-        "num_pairs": len(pairs),
         "optimizer_steps": steps,
         "wall_s": time.perf_counter() - t0,
         "policy": str(folder / "policy"),
+        "samples": {"initial": evaluator.samples[0], "final": evaluator.samples[steps]},
     }
     if gold_fn is not None:
         result |= {"gold_score_initial": initial["val/gold_score"], "gold_score_final": final["val/gold_score"]}
-    result["samples"] = {"initial": evaluator.samples[0], "final": evaluator.samples[steps]}
     return result
+
+
+def run_dpo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward_path: str | None = None,
+            ckpt_path: Path | None = None) -> dict:
+    """Fit DPO in `folder` (checkpoints in checkpoint.dir); from `ckpt_path` when given (resume)."""
+    from lightning_rlhf.stages.ppo import build_reward
+
+    t0 = time.perf_counter()
+    tokenizer, model_cfg = load_policy(cfg, policy_path)
+    pairs = file_pairs(cfg, tokenizer) if cfg.data.source == "files" else None  # data errors before the model
+    lm = load_causal_lm(model_cfg, tokenizer, cfg.seed)
+    if pairs is None:
+        pairs = review_pairs(cfg, lm, tokenizer)
+    log.info("DPO on %d preference pairs", len(pairs))
+    policy, ref = build_policy_and_ref(lm, cfg.model.lora, value_head=False)  # with LoRA: ref = adapters off
+    module = DPOModule(policy, ref, build_reward(cfg, tokenizer, reward_path), tokenizer, cfg, pairs)
+    dpo = cfg.trainer.dpo
+    make = lambda tr: PairBatches(len(pairs), dpo.batch_size, dpo.epochs, cfg.seed, tr.global_rank,  # noqa: E731
+                                  tr.world_size)
+    return fit_and_evaluate(cfg, folder, module, make, ckpt_path, t0) | {"num_pairs": len(pairs)}
+
+
+def run_online_dpo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward_path: str | None = None,
+                   ckpt_path: Path | None = None) -> dict:
+    """Fit online DPO: trainer.ppo.iterations rollouts of trainer.ppo.rollout_batch_size prompts x 2."""
+    from lightning_rlhf.stages.ppo import build_reward, prompt_texts
+
+    t0 = time.perf_counter()
+    tokenizer, model_cfg = load_policy(cfg, policy_path)
+    lm = load_causal_lm(model_cfg, tokenizer, cfg.seed)
+    policy, ref = build_policy_and_ref(lm, cfg.model.lora, value_head=False)
+    module = OnlineDPOModule(policy, ref, build_reward(cfg, tokenizer, reward_path), tokenizer, cfg)
+    ppo = cfg.trainer.ppo
+    prompts = encode_prompts(tokenizer, prompt_texts(cfg, "train", cfg.data.num_prompts, tokenizer),
+                             cfg.data.max_prompt_len)
+    make = lambda tr: PromptBatches(prompts, ppo.rollout_batch_size, ppo.iterations,  # noqa: E731
+                                    tokenizer.pad_token_id, cfg.seed, tr.global_rank, tr.world_size)
+    return fit_and_evaluate(cfg, folder, module, make, ckpt_path, t0)
 
 
 class DPOStage(Stage):
     """`algorithm=dpo`: after SFT and the reward-model stage (whose pairs it trains on, and whose model
-    gives the proxy reward of the evaluations)."""
+    gives the proxy reward of the evaluations). `algorithm=online_dpo`: `fit=run_online_dpo`, the
+    reward model choosing between two fresh samples each iteration."""
 
     name, module = "dpo", "lightning_rlhf.stages.dpo"
+
+    def __init__(self, fit: str = "offline"):
+        self.fit = run_online_dpo if fit == "online" else run_dpo
+        self.name = "online_dpo" if fit == "online" else "dpo"
     summary_keys = ("proxy_reward_initial", "proxy_reward_final", "kl_final", "gold_score_initial", "gold_score_final",
                     "wall_s")
 
@@ -136,7 +172,7 @@ class DPOStage(Stage):
         ckpt_path = find_resume_checkpoint(cfg)
         if cfg.checkpoint.enabled:
             remember_run(cfg, checkpoint_dir(cfg, folder))
-        result = run_dpo(cfg, folder, policy_path=policy_path, reward_path=reward_path, ckpt_path=ckpt_path)
+        result = self.fit(cfg, folder, policy_path=policy_path, reward_path=reward_path, ckpt_path=ckpt_path)
         samples = result.pop("samples")
         (folder / "samples.md").write_text(samples_table(samples["initial"], samples["final"]))
         plot_curves(folder / "metrics.csv", folder / "eval.csv", folder / "plots")
