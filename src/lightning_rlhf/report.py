@@ -185,7 +185,9 @@ def sweep_table(rows: list[dict]) -> str:
 
 
 def _setting_label(setting: dict) -> str:
-    return ",".join(f"{k.split('.')[-1]}={v}" if len(setting) > 1 else str(v) for k, v in setting.items())
+    """`grpo`, or `beta=0.1`, or `algorithm=dpo,beta=0.1`: the value alone when it names itself."""
+    named = len(setting) == 1 and not isinstance(_number(next(iter(setting.values()))), float)
+    return ",".join(str(v) if named else f"{k.split('.')[-1]}={v}" for k, v in setting.items())
 
 
 def plot_frontier(rows: list[dict], out: Path) -> Optional[Path]:
@@ -207,9 +209,19 @@ def plot_frontier(rows: list[dict], out: Path) -> Optional[Path]:
         pts = [r for r in rows if r.get(y_key, (0, 0, 0))[2]]
         xs, xerr = [r["kl_final"][0] for r in pts], [r["kl_final"][1] for r in pts]
         ys, yerr = [r[y_key][0] for r in pts], [r[y_key][1] for r in pts]
-        if categorical:  # e.g. one point per algorithm: its own marker and legend entry, no line between
+        if categorical:  # one series per named value (an algorithm), a line through its numeric settings
+            series: dict[str, list] = {}
             for r, x, y, dx, dy in zip(pts, xs, ys, xerr, yerr):
-                ax.errorbar([x], [y], xerr=[dx], yerr=[dy], fmt="o", capsize=3, label=_setting_label(r["setting"]))
+                named = {k: v for k, v in r["setting"].items() if not isinstance(_number(v), float)}
+                numeric = {k: v for k, v in r["setting"].items() if k not in named}
+                series.setdefault(_setting_label(named), []).append((x, y, dx, dy, _setting_label(numeric)))
+            for label, points in series.items():
+                points.sort()
+                px, py, pdx, pdy, notes = zip(*points)
+                ax.errorbar(px, py, xerr=pdx, yerr=pdy, fmt="o-" if len(points) > 1 else "o", capsize=3, label=label)
+                for x, y, note in zip(px, py, notes):
+                    if note:
+                        ax.annotate(note, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         else:
             ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="o-" if len(pts) > 1 else "o", capsize=3,
                         label="mean over seeds")
