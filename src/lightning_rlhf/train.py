@@ -6,7 +6,9 @@ and samples.md there (stages/base.py). The pipeline takes SFT and the
 reward model from the stage cache when an earlier run had the same inputs (cache.enabled).
 resume=auto continues PPO from the latest checkpoint. main() returns the summary value named by
 `optimized_metric` to a Hydra sweeper; inside a multirun a failing job is recorded as failed in its
-summary.json and the sweep goes on.
+summary.json and the sweep goes on, and the multirun exits 1 at the end, listing the failed jobs
+(launchers.FailedJobs). A job's hardware is checked against the launcher that runs it, and its torch
+threads follow the cores the launcher gave it (launchers.py), before anything loads.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_rlhf import launchers
 from lightning_rlhf.config import ConfigError, RunConfig, validate
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -104,6 +107,21 @@ def hydra_job() -> dict[str, Any]:
             "name": hc.job.override_dirname or None, "output_dir": hc.runtime.output_dir}
 
 
+def check_launcher(cfg: RunConfig) -> None:
+    """The job's hardware against the Hydra launcher running it (ConfigError), then its torch threads."""
+    from hydra.core.hydra_config import HydraConfig
+
+    launcher = OmegaConf.to_container(HydraConfig.get().launcher) if HydraConfig.initialized() else None
+    hardware = dataclasses.asdict(cfg.hardware)
+    launchers.check_job(hardware, launcher)
+    threads, source = launchers.job_threads(cfg.hardware.threads, launcher)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+        log.info("torch threads per process: %d (%s)", threads, source)
+
+
 def _record_failure(folder: Path, err: BaseException) -> None:
     log.error("job failed: %s: %s (recorded in %s; the sweep goes on)", type(err).__name__, err,
               folder / "summary.json")
@@ -112,12 +130,14 @@ def _record_failure(folder: Path, err: BaseException) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> Optional[float]:
+def run_job(cfg: DictConfig) -> Optional[float]:
+    """One Hydra job: validate, run, write summary.json; the optimized metric for a sweeper."""
     _quiet_libraries()
     job = hydra_job()
     try:
         run_cfg = validate(cfg)
         check_optimized_metric(run_cfg)
+        check_launcher(run_cfg)
     except ConfigError as err:
         if not job["multirun"]:
             print(f"config error: {err}", file=sys.stderr)
@@ -146,6 +166,14 @@ def main(cfg: DictConfig) -> Optional[float]:
         return None
     value = summary.get(run_cfg.optimized_metric)
     return float(value) if value is not None and math.isfinite(value) else None
+
+
+def main() -> None:
+    """`rlhf-train`: Hydra's command line. Every multirun ends with launchers.FailedJobs (exit 1 and the
+    list of failed jobs when one failed); it is added to Hydra's overrides here, the entry point."""
+    if launchers.CALLBACK_OVERRIDE not in sys.argv:
+        sys.argv.append(launchers.CALLBACK_OVERRIDE)
+    run_job()
 
 
 if __name__ == "__main__":

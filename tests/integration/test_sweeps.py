@@ -1,6 +1,8 @@
 """Sweeps through real Hydra multiruns of a tiny PPO stage: the shipped kl_frontier sweep (basic
-sweeper, W&B offline per job) and the Optuna sweep; a failing job is recorded as failed and the others
-go on; rlhf-report turns the sweep folder into a table and the reward-KL frontier plot."""
+sweeper, W&B offline per job) and the Optuna sweep; a failing job is recorded as failed, the others
+go on and the multirun exits 1 listing it; rlhf-report turns the sweep folder into a table and the
+reward-KL frontier plot. The local parallel launcher (submitit's local executor) runs a tiny pipeline
+sweep whose concurrent jobs share one cached SFT and reward model, and Optuna trials two at a time."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ TINY = [
 VADER = "lightning_rlhf.data.reviews.VaderReward"
 
 
-def _multirun(tmp_path: Path, sweep_dir: Path, *overrides: str, wandb: bool = False):
+def _multirun(tmp_path: Path, sweep_dir: Path, *overrides: str, wandb: bool = False, returncode: int = 0):
     env = {**os.environ, "LIGHTNING_RLHF_CACHE": str(tmp_path / "cache"), "WANDB_SILENT": "true"}
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
         env.pop(var, None)
@@ -37,8 +39,16 @@ def _multirun(tmp_path: Path, sweep_dir: Path, *overrides: str, wandb: bool = Fa
     env["NETRC"] = str(tmp_path / "no-netrc")
     res = subprocess.run([str(BIN / "rlhf-train"), "-m", *TINY, *overrides, f"hydra.sweep.dir={sweep_dir}"],
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.returncode == returncode, res.stderr[-4000:]
     return res
+
+
+def _failed_listed(res, *jobs: str) -> None:
+    """The multirun's last lines name exactly the failed jobs (their folders in the sweep folder)."""
+    head = f"{len(jobs)} job(s) of the sweep in"
+    assert head in res.stderr, res.stderr[-3000:]
+    tail = res.stderr[res.stderr.index(head):].splitlines()[1:]
+    assert [line.split(":")[0].strip() for line in tail if line.startswith("  ")] == list(jobs), tail
 
 
 def _summary(job_dir: Path) -> dict:
@@ -48,8 +58,9 @@ def _summary(job_dir: Path) -> dict:
 def test_kl_frontier_sweep_with_a_failing_job_runs_on_and_reports(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # 2 rewards, one of which fails at once (not callable): 2 jobs, 1 fails
-    _multirun(tmp_path, sweep_dir, "sweep=kl_frontier", "seed=0", "loss.kl_coef=0.5", "trainer.ppo.epochs=1",
-              f"reward.fn._target_={VADER},builtins.ValueError", "logger=wandb", wandb=True)
+    res = _multirun(tmp_path, sweep_dir, "sweep=kl_frontier", "seed=0", "loss.kl_coef=0.5", "trainer.ppo.epochs=1",
+                    f"reward.fn._target_={VADER},builtins.ValueError", "logger=wandb", wandb=True, returncode=1)
+    _failed_listed(res, "1")
     jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=lambda p: int(p.name))
     assert [p.name for p in jobs] == ["0", "1"]
     statuses = {}
@@ -87,8 +98,8 @@ def summary_kl_coef(overrides) -> float:
 def test_optuna_sweep_returns_the_gold_score_and_survives_a_failing_trial(tmp_path):
     sweep_dir = tmp_path / "optuna"
     # a categorical epochs in {1, 0}: epochs=0 is a config error -> that trial fails, the study goes on
-    _multirun(tmp_path, sweep_dir, "sweep=optuna_lr_kl", "logger=none", "hydra.sweeper.n_trials=4",
-              "hydra.sweeper.sampler.n_startup_trials=4", "trainer.ppo.epochs=choice(1,0)")
+    res = _multirun(tmp_path, sweep_dir, "sweep=optuna_lr_kl", "logger=none", "hydra.sweeper.n_trials=4",
+                    "hydra.sweeper.sampler.n_startup_trials=4", "trainer.ppo.epochs=choice(1,0)", returncode=1)
     best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
     assert len(jobs) == 4
@@ -97,6 +108,7 @@ def test_optuna_sweep_returns_the_gold_score_and_survives_a_failing_trial(tmp_pa
     failed = [s for s in summaries if s["status"] == "failed"]
     assert done and failed, "the seeded sampler should draw both epochs values in 4 trials"
     assert all("trainer.ppo.epochs" in s["error"] for s in failed)
+    _failed_listed(res, *sorted((j.name for j, s in zip(jobs, summaries) if s["status"] == "failed"), key=int))
     assert best.best_value == pytest.approx(max(s["gold_score_final"] for s in done))  # what main() returned
     assert set(best.best_params) == {"trainer.ppo.lr", "loss.kl_coef", "trainer.ppo.epochs"}
     assert 3e-5 <= best.best_params["trainer.ppo.lr"] <= 3e-3 and 0.005 <= best.best_params["loss.kl_coef"] <= 0.5
@@ -150,3 +162,72 @@ def test_report_of_a_run_folder_and_of_a_wrong_path(tmp_path, capsys):
     empty.mkdir()
     assert report_main([str(empty)]) == 2
     assert "neither a run folder" in capsys.readouterr().err
+
+
+# ---- the local parallel launcher (submitit's local executor) ------------------------------------
+PIPELINE = [  # a tiny SFT -> reward model -> PPO pipeline (tests/integration/test_stage_cache.py's sizes)
+    "stage=pipeline", "reward=learned", "data.num_sft_examples=64", "trainer.sft.epochs=1",
+    "trainer.sft.batch_size=16", "trainer.sft.max_len=24", "trainer.rm.num_pairs=32", "trainer.rm.epochs=1",
+]
+
+
+def _started_and_ended(job: Path) -> tuple[float, float]:
+    return (job / ".hydra" / "overrides.yaml").stat().st_mtime, (job / "summary.json").stat().st_mtime
+
+
+def test_local_launcher_runs_jobs_at_once_sharing_one_cached_sft_and_rm(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # 3 jobs, 2 at a time: the first two share SFT and the reward model, the third is a config error
+    res = _multirun(tmp_path, sweep_dir, *PIPELINE, "logger=none", "hydra/launcher=local",
+                    "hydra.launcher.parallel=2", "hardware.threads=null", "trainer.ppo.epochs=1,2,0", returncode=1)
+    _failed_listed(res, "2")
+    jobs = [sweep_dir / str(n) for n in range(3)]
+    done, failed = [_summary(j) for j in jobs[:2]], _summary(jobs[2])
+    assert [s["status"] for s in done] == ["completed", "completed"]
+    assert failed["status"] == "failed" and "trainer.ppo.epochs" in failed["error"]
+    (first_start, first_end), (second_start, second_end) = map(_started_and_ended, jobs[:2])
+    assert second_start < first_end and first_start < second_end, "the two jobs should overlap in time"
+    # each of SFT and the reward model is trained by one job; the other waits on the cache lock and
+    # reuses it (which job trains which stage is a race)
+    for stage in ("sft", "rm"):
+        assert sorted(stage in s["stages_reused"] for s in done) == [False, True], stage
+    reused_rm = next(s for s in done if "rm" in s["stages_reused"])
+    assert reused_rm["reward_model"].startswith(str(tmp_path / "cache"))
+    assert done[0]["rm_accuracy"] == done[1]["rm_accuracy"] and done[0]["sft_val_loss"] == done[1]["sft_val_loss"]
+    entries = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "stages").iterdir())
+    assert entries == ["rm", "sft"]
+    logs = [(j / "train.log").read_text() for j in jobs[:2]]
+    assert any("which is training this stage" in log for log in logs), "a job waits on the lock"
+    assert all("torch threads per process: 1 (2 cores / hydra.launcher.parallel=2)" in log for log in logs)
+
+    assert report_main([str(sweep_dir)]) == 0
+    report = (sweep_dir / "report" / "report.md").read_text()
+    assert "3 jobs" in report and "2 completed, 1 failed" in report
+    lines = (sweep_dir / "report" / "results.csv").read_text().splitlines()
+    assert len(lines) == 4
+
+
+def test_optuna_runs_two_trials_at_once_through_the_local_launcher(tmp_path):
+    sweep_dir = tmp_path / "optuna"
+    _multirun(tmp_path, sweep_dir, "sweep=optuna_lr_kl", "logger=none", "hydra/launcher=local",
+              "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.n_startup_trials=4")
+    best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
+    jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name))
+    assert len(jobs) == 4
+    summaries = [_summary(j) for j in jobs]
+    assert all(s["status"] == "completed" for s in summaries)
+    assert best.best_value == pytest.approx(max(s["gold_score_final"] for s in summaries))
+    for a, b in (jobs[0:2], jobs[2:4]):  # each batch of n_jobs trials ran at once
+        (a_start, a_end), (b_start, b_end) = _started_and_ended(a), _started_and_ended(b)
+        assert b_start < a_end and a_start < b_end
+
+
+def test_local_launcher_records_a_job_that_died_and_goes_on(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # the second job's reward kills its process (SIGABRT) while the stage builds
+    res = _multirun(tmp_path, sweep_dir, "logger=none", "hydra/launcher=local", f"reward.fn._target_={VADER},os.abort",
+                    returncode=1)
+    _failed_listed(res, "1")
+    assert _summary(sweep_dir / "0")["status"] == "completed"
+    died = _summary(sweep_dir / "1")
+    assert died["status"] == "failed" and died["error"].startswith("UncompletedJobError")
