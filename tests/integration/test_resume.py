@@ -55,14 +55,17 @@ def _run(cmd, env, cwd):
     return res
 
 
-def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
+def kill_and_resume(tmp_path: Path, *extra: str, iterations: int = ITERATIONS) -> tuple[Path, Path, int]:
+    """A run SIGKILLed once its checkpoint KILL_AFTER exists, resumed with resume=auto, and an
+    uninterrupted one beside it; asserts their metrics rows and evaluations are equal, iteration by
+    iteration, from the start (the resumed run's file holds the history). -> (killed, straight, resumed from)."""
     env = _env(tmp_path)
     killed, straight = tmp_path / "killed", tmp_path / "straight"
 
     # the uninterrupted run goes alongside (two cores)
-    reference = subprocess.Popen(_cmd(straight), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+    reference = subprocess.Popen(_cmd(straight, *extra), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen(_cmd(killed), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(killed, *extra), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     target = checkpoint_path(killed / "checkpoints", KILL_AFTER)
     deadline = time.monotonic() + 240
@@ -73,11 +76,11 @@ def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
     proc.wait()
     proc.stderr.close()
     saved = [it for it, _ in list_checkpoints(killed / "checkpoints")]
-    assert saved and KILL_AFTER <= max(saved) < ITERATIONS, saved
+    assert saved and KILL_AFTER <= max(saved) < iterations, saved
     assert not (killed / "summary.json").exists()
     resume_from = max(saved)
 
-    _run(_cmd(killed, "resume=auto"), env, tmp_path)
+    _run(_cmd(killed, *extra, "resume=auto"), env, tmp_path)
     _, err = reference.communicate(timeout=300)
     assert reference.returncode == 0, err[-3000:]
 
@@ -86,18 +89,31 @@ def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["resumed_from_iteration"] == resume_from
     resumed_rows, straight_rows = _rows(killed / "metrics.csv"), _rows(straight / "metrics.csv")
-    assert [r["step"] for r in resumed_rows] == [str(i) for i in range(1, ITERATIONS + 1)]
-    assert len(straight_rows) == ITERATIONS
+    assert [r["step"] for r in resumed_rows] == [str(i) for i in range(1, iterations + 1)]
+    assert len(straight_rows) == iterations
     for a, b in zip(resumed_rows, straight_rows):
         assert a.keys() == b.keys()
         differ = {k: (a[k], b[k]) for k in a if not k.startswith("perf/") and a[k] != b[k]}
         assert not differ, f"iteration {a['step']}: {differ}"
-    # the adaptive KL coefficient moved, so its restored state was exercised
-    assert len({r["objective/kl_coef"] for r in straight_rows}) > 2
     assert _rows(killed / "eval.csv") == _rows(straight / "eval.csv")
-
     a, b = load_file(killed / "policy" / "model.safetensors"), load_file(straight / "policy" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return killed, straight, resume_from
+
+
+def test_dpo_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
+    """DPO: 10 optimizer steps of 4 pairs; the reference log-probs come back from the checkpoint."""
+    killed, _, _ = kill_and_resume(tmp_path, "algorithm=dpo", "trainer.rm.num_pairs=44", "trainer.dpo.epochs=1",
+                                   "trainer.dpo.batch_size=4", "trainer.dpo.micro_batch_size=2", "trainer.dpo.lr=1e-2")
+    ckpt = torch.load(checkpoint_path(killed / "checkpoints", ITERATIONS), weights_only=False)
+    assert ckpt["ppo_iteration"] == ITERATIONS and ckpt["dpo_ref_logps"].shape == (40, 2)
+
+
+def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
+    killed, straight, resume_from = kill_and_resume(tmp_path)
+    straight_rows = _rows(straight / "metrics.csv")
+    # the adaptive KL coefficient moved, so its restored state was exercised
+    assert len({r["objective/kl_coef"] for r in straight_rows}) > 2
     assert torch.equal(torch.load(killed / "policy" / "value_head.pt")["weight"],
                        torch.load(straight / "policy" / "value_head.pt")["weight"])
     # what a checkpoint holds
