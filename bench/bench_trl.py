@@ -1,21 +1,25 @@
-"""lightning-rlhf vs TRL's PPO, GRPO and RLOO trainers, side by side, on identical settings.
+"""lightning-rlhf vs TRL's PPO, GRPO, RLOO and DPO trainers, side by side, on identical settings.
 
-    .venv/bin/python bench/bench_trl.py              # GRPO, RLOO, then PPO (+ scaling); `speedup_vs_trl: X.XX` last
+    .venv/bin/python bench/bench_trl.py              # GRPO, RLOO, DPO, PPO (+ scaling); `speedup_vs_trl: X.XX` last
     .venv/bin/python bench/bench_trl.py --algo grpo  # one comparison: its table and `speedup_vs_trl_grpo: X.XX`
     .venv/bin/python bench/bench_trl.py --quick      # seconds: a smoke run of every comparison (tests)
 
 One process per side, each importing only its own framework:
-  lightning-rlhf  the online-RL LightningModule driven by a real Lightning Trainer (stages.common.build_trainer,
-                  as rlhf-train), configured by conf/algorithm/{ppo,grpo,rloo}.yaml
-  trl             trl==1.12.0 as shipped: trl.experimental.ppo.PPOTrainer, trl.GRPOTrainer, trl.RLOOTrainer
+  lightning-rlhf  the online-RL LightningModule (DPO: the preference one) driven by a real Lightning Trainer
+                  (stages.common.build_trainer, as rlhf-train), configured by conf/algorithm/{ppo,grpo,rloo,dpo}.yaml
+  trl             trl==1.12.0 as shipped: trl.experimental.ppo.PPOTrainer, trl.GRPOTrainer, trl.RLOOTrainer,
+                  trl.DPOTrainer (its default: reference log-probs from a reference forward in every step)
   trl-nogc        (PPO only) the PPO trainer with its module's `gc.collect()` (two calls per step) made a no-op;
-                  TRL's GRPO and RLOO trainers make no explicit collection (the `gc/iter` column counts them)
+                  TRL's GRPO, RLOO and DPO trainers make no explicit collection (the `gc/iter` column counts them)
+  trl-precomputed (DPO only) DPOTrainer with precompute_ref_log_probs=True: the reference log-probs computed
+                  once before training, as lightning-rlhf's DPO does (like with like)
 The parent starts them, waits until each has built its models and entered its training loop, then
 hands out one iteration at a time, round-robin (the order rotates every round), so that the
 machine's background load falls on every side alike. An iteration is one rollout (generation,
 scoring) and all the optimizer steps on it; a side's training loop blocks in a callback between
 iterations (Lightning: on_train_batch_end; TRL: on_step_end of the iteration's last optimizer step):
-the time a side waits for its turn is never counted.
+the time a side waits for its turn is never counted. DPO has no rollout: its iteration is --dpo-steps
+optimizer steps on fixed preference pairs, and its table has update, ref and other columns instead (below).
 
 Timed per iteration (wall clock, `time.perf_counter`; CPU time of the process beside it):
   iteration   from the go signal to the end of the iteration's last callback, so everything each
@@ -28,6 +32,13 @@ Timed per iteration (wall clock, `time.perf_counter`; CPU time of the process be
   update      ours: the module's ppo_update; TRL: the end of the rollout -> on_step_end of the last step
 Tokens are response tokens (up to and including the first EOS): rollout tok/s = tokens / rollout,
 update tok/s = epochs x tokens / update.
+DPO, per iteration: update = the sum over its optimizer steps of step-begin hook -> step-end hook (Lightning:
+on_train_batch_start -> on_train_batch_end; TRL: on_step_begin -> on_step_end), i.e. forwards, loss, backward,
+clipping, AdamW; ref = time in reference forwards within the steps (TRL as shipped; 0 where precomputed);
+other = iter - update (the loop, logging, batch fetching: TRL pads its batches in the data loader, inside
+other; lightning-rlhf's loader yields pair indices, padded inside training_step, inside update);
+tokens = completion tokens of chosen and rejected (EOS included); update tok/s = tokens / update. The one
+reference pass before training is reported on its own line, not in iter ms.
 Peak memory: each process resets its peak RSS (VmHWM, /proc/self/clear_refs) when the first timed
 iteration starts; "iter MB" is the peak RSS over the timed iterations minus the RSS at that moment
 (what an iteration allocates on top of the resident models, optimizer state and libraries), "peak MB"
@@ -51,15 +62,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS, TRL, TRL_NOGC = "lightning-rlhf", "trl", "trl-nogc"
-SIDES = {"ppo": (OURS, TRL, TRL_NOGC), "grpo": (OURS, TRL), "rloo": (OURS, TRL)}
-ALGOS = ("grpo", "rloo", "ppo")  # the order of `--algo all`: PPO last, its speed-up line ends the output
-SPEEDUP_KEY = {"ppo": "speedup_vs_trl", "grpo": "speedup_vs_trl_grpo", "rloo": "speedup_vs_trl_rloo"}
-TRL_TRAINER = {"ppo": "trl.experimental.ppo.PPOTrainer", "grpo": "trl.GRPOTrainer", "rloo": "trl.RLOOTrainer"}
+OURS, TRL, TRL_NOGC, TRL_PRECOMPUTED = "lightning-rlhf", "trl", "trl-nogc", "trl-precomputed"
+SIDES = {"ppo": (OURS, TRL, TRL_NOGC), "grpo": (OURS, TRL), "rloo": (OURS, TRL), "dpo": (OURS, TRL, TRL_PRECOMPUTED)}
+ALL_SIDES = tuple(dict.fromkeys(x for sides in SIDES.values() for x in sides))
+ALGOS = ("grpo", "rloo", "dpo", "ppo")  # the order of `--algo all`: PPO last, its speed-up line ends the output
+SPEEDUP_KEY = {"ppo": "speedup_vs_trl", "grpo": "speedup_vs_trl_grpo", "rloo": "speedup_vs_trl_rloo",
+               "dpo": "speedup_vs_trl_dpo"}
+TRL_TRAINER = {"ppo": "trl.experimental.ppo.PPOTrainer", "grpo": "trl.GRPOTrainer", "rloo": "trl.RLOOTrainer",
+               "dpo": "trl.DPOTrainer"}
 # our algorithm.agg -> the GRPOTrainer loss_type that averages the same way over one optimizer step's
 # sequences (bnpo: the step's token mean; TRL's default, dapo, divides by the rollout's mean tokens per step)
 TRL_LOSS_TYPE = {"token-mean": "bnpo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
-GROUP_MAX_GRAD_NORM = 1.0  # GRPO/RLOO: both frameworks' default (TRL's PPO loop cannot clip: PPO runs unclipped)
+GROUP_MAX_GRAD_NORM = 1.0  # GRPO/RLOO/DPO: both frameworks' default (TRL's PPO loop cannot clip: PPO runs unclipped)
+DPO_REF_BATCH_SIZE = 64  # pairs per no-grad reference pass before training (ours: trainer.dpo.ref_batch_size)
 
 
 # ---- in each worker process ----------------------------------------------------------------------
@@ -101,18 +116,20 @@ class Probe:
     def mark(self, name: str) -> None:
         self.marks.setdefault(name, time.perf_counter())
 
-    def end(self) -> None:
-        t, c = time.perf_counter(), time.process_time()
+    def phases(self, t: float) -> dict:
+        """The iteration's phases (seconds), from the marks; t: its end."""
         if "rollout" not in self.marks or "update" not in self.marks:  # a framework's hook moved: fail, loudly
             raise RuntimeError(f"iteration {self.done}: the timing hooks fired {sorted(self.marks)}, "
                                "expected 'rollout' and 'update'")
         rollout_start, update_start = self.marks["rollout"], self.marks["update"]
-        update_end = self.marks.get("update_end", t)
+        return {"rollout_s": update_start - rollout_start, "update_s": self.marks.get("update_end", t) - update_start}
+
+    def end(self) -> None:
+        t, c = time.perf_counter(), time.process_time()
         self.conn.send(("result", {
             "iter_s": t - self.t0,
             "cpu_s": c - self.c0,
-            "rollout_s": update_start - rollout_start,
-            "update_s": update_end - update_start,
+            **self.phases(t),
             "tokens": self.tokens,
             "gc_calls": self.gc_calls[0] - self.gc0,
             "peak_rss_mb": common.peak_rss_mb(),
@@ -121,6 +138,44 @@ class Probe:
         self.done += 1
         if self.done < self.iterations:
             self.wait_go()
+
+
+class StepProbe(Probe):
+    """DPO: an iteration is `steps` optimizer steps. update = the sum of the steps' spans (the framework's
+    step-begin hook -> its step-end hook: forward, backward, clipping, optimizer step); ref = the time spent
+    in reference forwards inside the iteration; `setup` holds what a side did once before training."""
+
+    def __init__(self, conn, iterations: int, steps: int):
+        super().__init__(conn, iterations)
+        self.steps, self.setup = steps, {}
+        self.spans, self.started, self.step_count, self.losses = {"update": 0.0, "ref": 0.0}, {}, 0, []
+
+    def wait_go(self) -> None:
+        self.spans, self.started, self.step_count, self.tokens = {"update": 0.0, "ref": 0.0}, {}, 0, 0
+        self.losses = []  # each step's DPO loss, detached (read after the iteration: no sync inside a step)
+        super().wait_go()
+
+    def add_setup(self, wall_s: float, cpu_s: float) -> None:
+        """A reference pass before training took wall_s (cpu_s of the process)."""
+        self.setup["ref_precompute_s"] = self.setup.get("ref_precompute_s", 0.0) + wall_s
+        self.setup["ref_precompute_cpu_s"] = self.setup.get("ref_precompute_cpu_s", 0.0) + cpu_s
+
+    def begin(self, name: str) -> None:
+        self.started[name] = time.perf_counter()
+
+    def finish(self, name: str) -> None:
+        if name in self.started:  # not before the first go (e.g. a reference pass before training)
+            self.spans[name] += time.perf_counter() - self.started.pop(name)
+        if name == "update":
+            self.step_count += 1
+
+    def phases(self, t: float) -> dict:
+        if self.step_count != self.steps or self.started:  # a framework's hook moved: fail, loudly
+            raise RuntimeError(f"iteration {self.done}: {self.step_count} optimizer steps timed (expected "
+                               f"{self.steps}), spans left open: {sorted(self.started)}")
+        loss = sum(float(x) for x in self.losses) / max(len(self.losses), 1)
+        return {"update_s": self.spans["update"], "ref_s": self.spans["ref"], "steps": self.step_count, "loss": loss,
+                **self.setup}
 
 
 def algorithm_file(name: str) -> dict:
@@ -323,6 +378,166 @@ def run_trl_group(s: common.Settings, iterations: int, probe: Probe, folder: Pat
     trainer.train()
 
 
+def dpo_pairs(s: common.Settings, steps: int, tok):
+    """The preference pairs of a DPO run of `steps` optimizer steps, in the order both sides consume them
+    (step k trains on pairs [k B, (k + 1) B)); `tok` is the benchmark's tokenizer."""
+    return common.preference_pairs(tok, s, s.minibatch_size() * steps)
+
+
+def our_dpo_config(s: common.Settings, folder: Path):
+    """The validated run config of our DPO side: conf/algorithm/dpo.yaml, then the benchmark's settings."""
+    from omegaconf import OmegaConf
+
+    from lightning_rlhf.config import validate
+
+    settings = {
+        "seed": s.seed,
+        "model": {"tokenizer": "reviews", "config": {"model_type": "llama"}},  # built in run_ours_dpo, from common
+        "reward": {"type": "model", "path": str(folder)},  # only the stage's evaluations use it: the benchmark has none
+        "generation": {"temperature": 1.0},  # DPO's log-probs at temperature 1 (TRL's DPO has no temperature)
+        "trainer": {"dpo": {"epochs": 1, "batch_size": s.minibatch_size(), "micro_batch_size": s.minibatch_size(),
+                            "lr": s.lr, "max_grad_norm": GROUP_MAX_GRAD_NORM,
+                            "max_len": s.prompt_length + s.response_length, "ref_batch_size": DPO_REF_BATCH_SIZE},
+                    "eval_every": 0, "enable_progress_bar": False},
+        "hardware": {"threads": s.threads},
+        "logger": {"name": "none"},
+    }
+    return validate(OmegaConf.merge(algorithm_file("dpo"), settings))
+
+
+def run_ours_dpo(s: common.Settings, iterations: int, probe: StepProbe, folder: Path) -> None:
+    """Our DPOModule under a Lightning Trainer (stages.common.build_trainer), on index batches in order."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lightning_rlhf.algorithms.preference import DPOModule
+    from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy
+    from lightning_rlhf.stages.common import build_trainer
+
+    cfg = our_dpo_config(s, folder)
+    L.seed_everything(s.seed, verbose=False)
+    tok = common.tokenizer()
+    lm, _ = common.build_models(s, tok)
+    B, steps = s.minibatch_size(), s.mini_batches * iterations
+    pairs = dpo_pairs(s, steps, tok)
+    module = DPOModule(PolicyWithValueHead(lm, value_head=False), frozen_copy(lm), None, tok, cfg, pairs)
+    # stages.dpo draws each step's pairs from seeded permutations (PairBatches); here step k takes pairs
+    # [k B, (k + 1) B) of the (already shuffled) list, the batches TRL's sequential sampler makes
+    batches = [torch.arange(k * B, (k + 1) * B) for k in range(steps)]
+    pair_tokens = [len(c) + len(r) for _, c, r in pairs]
+
+    inner_precompute = module.precompute_reference
+
+    def timed_precompute(*a, **k):
+        t, c = time.perf_counter(), time.process_time()
+        probe.begin("ref")
+        out = inner_precompute(*a, **k)
+        probe.finish("ref")
+        probe.add_setup(time.perf_counter() - t, time.process_time() - c)
+        return out
+
+    module.precompute_reference = timed_precompute
+    inner_loss = module.pair_loss
+
+    def recorded_loss(*a, **k):  # one call per optimizer step here (micro_batch_size = batch_size)
+        loss, stats = inner_loss(*a, **k)
+        probe.losses.append(loss.detach())
+        return loss, stats
+
+    module.pair_loss = recorded_loss
+
+    class Timing(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            probe.wait_go()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            probe.tokens += sum(pair_tokens[int(i)] for i in batch)
+            probe.begin("update")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            probe.finish("update")
+            if (batch_idx + 1) % s.mini_batches == 0:
+                probe.end()
+
+    trainer = build_trainer(cfg, folder, "dpo", max_epochs=1, callbacks=[Timing()])
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+
+
+def run_trl_dpo(s: common.Settings, iterations: int, probe: StepProbe, folder: Path, precompute: bool) -> None:
+    """TRL's DPOTrainer on the pairs of our side (as texts, tokenized by TRL, checked to give the same ids),
+    with the reference log-probs computed in every step (TRL's default) or once before training."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(s.seed)
+    tok = common.tokenizer()
+    lm, _ = common.build_models(s, tok)
+    lm.save_pretrained(folder / "policy")  # TRL builds its reference model from a path (as for GRPO)
+    del lm
+    steps = s.mini_batches * iterations
+    pairs = dpo_pairs(s, steps, tok)
+    texts = common.preference_texts(tok, pairs)
+    dataset = Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in texts])
+    args = DPOConfig(
+        output_dir=str(folder), seed=s.seed, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        per_device_train_batch_size=s.minibatch_size(), gradient_accumulation_steps=1, max_steps=steps,
+        train_sampling_strategy="sequential", beta=s.beta, loss_type=["sigmoid"], label_smoothing=0.0,
+        max_length=s.prompt_length + s.response_length, truncation_mode="keep_start", padding_free=False,
+        precompute_ref_log_probs=precompute, precompute_ref_batch_size=DPO_REF_BATCH_SIZE,
+        learning_rate=s.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=GROUP_MAX_GRAD_NORM, logging_steps=s.mini_batches, report_to="none", save_strategy="no",
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+    inner_precompute = DPOTrainer._precompute_ref_logps  # (private) raises here if TRL renames it
+
+    def timed_precompute(self, *a, **k):
+        t, c = time.perf_counter(), time.process_time()
+        out = inner_precompute(self, *a, **k)
+        probe.add_setup(time.perf_counter() - t, time.process_time() - c)
+        return out
+
+    DPOTrainer._precompute_ref_logps = timed_precompute  # this process only
+
+    class Timing(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            probe.wait_go()
+
+        def on_step_begin(self, *a, **k):
+            probe.begin("update")
+
+        def on_step_end(self, args, state, control, **k):
+            probe.finish("update")
+            if state.global_step % s.mini_batches == 0:  # the iteration's last optimizer step
+                probe.end()
+
+    trainer = DPOTrainer(model=str(folder / "policy"), args=args, train_dataset=dataset, processing_class=tok,
+                         callbacks=[Timing()])
+    prepared = trainer.train_dataset
+    if [list(x) for x in zip(prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"])] != \
+            [list(x) for x in pairs]:
+        raise RuntimeError("dpo: TRL's tokenized pairs differ from the benchmark's ids")
+    if (trainer.ref_model is None) != precompute:
+        raise RuntimeError(f"dpo: precompute_ref_log_probs={precompute}, but the reference model is "
+                           f"{'absent' if trainer.ref_model is None else 'kept'}")
+    if trainer.ref_model is not None:
+        trainer.ref_model.register_forward_pre_hook(lambda *a: probe.begin("ref"))
+        trainer.ref_model.register_forward_hook(lambda *a: probe.finish("ref"))
+    inner_loss = trainer.compute_loss
+
+    def counted_loss(model, inputs, *a, **k):
+        probe.tokens += int(inputs["completion_mask"].sum())
+        loss = inner_loss(model, inputs, *a, **k)
+        probe.losses.append((loss[0] if isinstance(loss, tuple) else loss).detach())
+        return loss
+
+    trainer.compute_loss = counted_loss
+    trainer.train()
+
+
 def worker(side: str, settings: dict, iterations: int, conn) -> None:
     import tempfile
 
@@ -337,10 +552,15 @@ def worker(side: str, settings: dict, iterations: int, conn) -> None:
 
     s = common.Settings(**settings)
     torch.set_num_threads(s.threads)
-    probe = Probe(conn, iterations)
+    probe = StepProbe(conn, iterations, s.mini_batches) if s.algo == "dpo" else Probe(conn, iterations)
     try:
         with tempfile.TemporaryDirectory(prefix=f"bench_{s.algo}_{side}_") as folder:
-            if side == OURS:
+            if s.algo == "dpo":
+                if side == OURS:
+                    run_ours_dpo(s, iterations, probe, Path(folder))
+                else:
+                    run_trl_dpo(s, iterations, probe, Path(folder), precompute=side == TRL_PRECOMPUTED)
+            elif side == OURS:
                 run_ours(s, iterations, probe, Path(folder))
             elif s.algo == "ppo":
                 run_trl_ppo(s, iterations, probe, Path(folder), collect_garbage=side == TRL)
@@ -414,7 +634,6 @@ def summarize(runs: list[dict], settings: common.Settings) -> dict:
     out = {
         "iter_ms": 1e3 * med("iter_s"),
         "cpu_ms": 1e3 * med("cpu_s"),
-        "rollout_ms": 1e3 * med("rollout_s"),
         "update_ms": 1e3 * med("update_s"),
         "tokens": tokens,
         "gc_calls": med("gc_calls"),
@@ -422,17 +641,36 @@ def summarize(runs: list[dict], settings: common.Settings) -> dict:
         "iter_mb": max(r["peak_rss_mb"] for r in runs) - runs[0]["base_rss_mb"],
         "iterations": len(runs),
     }
+    if settings.algo == "dpo":  # optimizer steps on fixed pairs: no rollout
+        out["ref_ms"] = 1e3 * med("ref_s")
+        out["ref_precompute_ms"] = 1e3 * runs[0].get("ref_precompute_s", 0.0)
+        out["ref_precompute_cpu_ms"] = 1e3 * runs[0].get("ref_precompute_cpu_s", 0.0)
+        out["other_ms"] = 1e3 * common.median(r["iter_s"] - r["update_s"] for r in runs)
+        out["update_tok_s"] = tokens / (out["update_ms"] / 1e3)
+        out["last_loss"] = runs[-1]["loss"]
+        return out
+    out["rollout_ms"] = 1e3 * med("rollout_s")
     out["other_ms"] = 1e3 * common.median(r["iter_s"] - r["rollout_s"] - r["update_s"] for r in runs)
     out["rollout_tok_s"] = tokens / (out["rollout_ms"] / 1e3)
     out["update_tok_s"] = settings.epochs * tokens / (out["update_ms"] / 1e3)
     return out
 
 
-def print_table(summary: dict[str, dict]) -> None:
-    cols = [("iter ms", "iter_ms", "{:.1f}"), ("rollout ms", "rollout_ms", "{:.1f}"), ("update ms", "update_ms", "{:.1f}"),
+def table_columns(algo: str) -> list[tuple[str, str, str]]:
+    """(heading, summary key, format) of each column of an algorithm's table."""
+    if algo == "dpo":
+        return [("iter ms", "iter_ms", "{:.1f}"), ("update ms", "update_ms", "{:.1f}"), ("ref ms", "ref_ms", "{:.1f}"),
+                ("other ms", "other_ms", "{:.1f}"), ("cpu ms", "cpu_ms", "{:.1f}"),
+                ("update tok/s", "update_tok_s", "{:.0f}"), ("iter MB", "iter_mb", "{:.1f}"),
+                ("peak MB", "peak_rss_mb", "{:.0f}"), ("tokens", "tokens", "{:.0f}"), ("gc/iter", "gc_calls", "{:.0f}")]
+    return [("iter ms", "iter_ms", "{:.1f}"), ("rollout ms", "rollout_ms", "{:.1f}"), ("update ms", "update_ms", "{:.1f}"),
             ("other ms", "other_ms", "{:.1f}"), ("cpu ms", "cpu_ms", "{:.1f}"), ("rollout tok/s", "rollout_tok_s", "{:.0f}"),
             ("update tok/s", "update_tok_s", "{:.0f}"), ("iter MB", "iter_mb", "{:.1f}"), ("peak MB", "peak_rss_mb", "{:.0f}"),
             ("tokens", "tokens", "{:.0f}"), ("gc/iter", "gc_calls", "{:.0f}")]
+
+
+def print_table(summary: dict[str, dict], algo: str = "ppo") -> None:
+    cols = table_columns(algo)
     print("| side | " + " | ".join(c[0] for c in cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for side, row in summary.items():
@@ -447,6 +685,19 @@ def group_settings(base: common.Settings, algo: str, group_size: int) -> common.
     return s.with_(agg=algorithm.agg, advantage_scale=algorithm.advantage.get("scale"))
 
 
+def dpo_settings(base: common.Settings, pairs_per_step: int, steps: int) -> common.Settings:
+    """DPO settings: `steps` optimizer steps of `pairs_per_step` pairs an iteration, every pair seen once, with
+    the beta of our side's conf/algorithm/dpo.yaml (read here, not in TRL's process); only the losses both
+    frameworks compute alike are accepted."""
+    s = base.with_(algo="dpo", batch_size=pairs_per_step * steps, mini_batches=steps, epochs=1, group_size=1)
+    algorithm = our_dpo_config(s, ROOT).algorithm
+    if (algorithm.loss_type, algorithm.label_smoothing, algorithm.nll_coef) != ("sigmoid", 0.0, 0.0):
+        raise ValueError(f"conf/algorithm/dpo.yaml: loss_type={algorithm.loss_type}, label_smoothing="
+                         f"{algorithm.label_smoothing}, nll_coef={algorithm.nll_coef}; the DPO comparison runs "
+                         "the sigmoid loss without smoothing or NLL term (DPOConfig loss_type=['sigmoid'])")
+    return s.with_(beta=algorithm.beta)
+
+
 def compare(s: common.Settings, sides, warmup: int, iterations: int) -> dict:
     """One comparison (s.algo): its heading, table and ratios printed; -> what it measured."""
     print(f"\n# lightning-rlhf vs TRL {s.algo.upper()} ({TRL_TRAINER[s.algo]})")
@@ -454,14 +705,24 @@ def compare(s: common.Settings, sides, warmup: int, iterations: int) -> dict:
           f"alternating; medians", flush=True)
     results = side_by_side(s, sides, warmup, iterations)
     summary = {side: summarize(results[side], s) for side in sides}
-    print_table(summary)
+    print_table(summary, s.algo)
     ours = summary[OURS]
-    trl_sides = [x for x in (TRL, TRL_NOGC) if x in summary]
+    trl_sides = [x for x in sides if x != OURS]
+    phases = ("update",) if s.algo == "dpo" else ("rollout", "update")
     for x in trl_sides:
         ratio = lambda key: summary[x][key] / max(ours[key], 1e-9)
         print(f"{x} / lightning-rlhf: time x{ratio('iter_ms'):.2f}, cpu x{ratio('cpu_ms'):.2f}, "
-              f"rollout x{ratio('rollout_ms'):.2f}, update x{ratio('update_ms'):.2f}, iter MB x{ratio('iter_mb'):.2f}, "
-              f"peak MB x{ratio('peak_rss_mb'):.2f}")
+              + "".join(f"{p} x{ratio(p + '_ms'):.2f}, " for p in phases)
+              + f"iter MB x{ratio('iter_mb'):.2f}, peak MB x{ratio('peak_rss_mb'):.2f}")
+    if s.algo == "dpo":
+        print("reference log-probs computed once before training (not in iter ms): "
+              + ", ".join(f"{x} {summary[x]['ref_precompute_ms']:.1f} ms "
+                          f"(cpu {summary[x]['ref_precompute_cpu_ms']:.1f})" for x in sides
+                          if summary[x]["ref_precompute_ms"] > 0)
+              + f"; over the run's {s.minibatch_size() * s.mini_batches * (warmup + iterations)} pairs, "
+                f"{DPO_REF_BATCH_SIZE} a pass")
+        print("same pairs, same updates: mean DPO loss of the last timed iteration's steps: "
+              + ", ".join(f"{x} {summary[x]['last_loss']:.6f}" for x in sides))
     fastest = min(trl_sides, key=lambda x: summary[x]["iter_ms"]) if trl_sides else None
     speedup = summary[fastest]["iter_ms"] / ours["iter_ms"] if fastest else math.nan
     return {"settings": s.as_dict(), "results": results, "summary": summary, "fastest_trl": fastest,
@@ -740,20 +1001,25 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings, one warm-up and one timed iteration, no scaling")
-    p.add_argument("--algo", default="all", choices=(*ALGOS, "all"), help="the comparison(s) (all: GRPO, RLOO, PPO)")
+    p.add_argument("--algo", default="all", choices=(*ALGOS, "all"),
+                   help="the comparison(s) (all: GRPO, RLOO, DPO, PPO)")
     p.add_argument("--model", default="tiny", choices=sorted(common.MODEL_SIZES))
     p.add_argument("--batch-size", type=int, default=16,
                    help="sequences per iteration (PPO: prompts; GRPO/RLOO: prompts x --group-size)")
     p.add_argument("--group-size", type=int, default=4, help="GRPO/RLOO: samples per prompt (TRL's num_generations)")
-    p.add_argument("--response-length", type=int, default=24)
+    p.add_argument("--response-length", type=int, default=24,
+                   help="new tokens (DPO: tokens of a chosen or rejected completion, EOS included, at most)")
+    p.add_argument("--dpo-batch-size", type=int, default=8, help="DPO: preference pairs per optimizer step")
+    p.add_argument("--dpo-steps", type=int, default=4, help="DPO: optimizer steps per iteration")
     p.add_argument("--epochs", type=int, default=4, help="passes over each rollout (TRL: num_ppo_epochs, num_iterations)")
     p.add_argument("--mini-batches", type=int, default=2,
                    help="optimizer steps per epoch (TRL: num_mini_batches / steps_per_generation)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: robust on a shared machine)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iterations", type=int, default=20, help="timed iterations per side")
-    p.add_argument("--sides", default=",".join(SIDES["ppo"]),
-                   help=f"comma-separated subset of {','.join(SIDES['ppo'])} (GRPO/RLOO: {TRL_NOGC} is {TRL})")
+    p.add_argument("--sides", default=None,
+                   help=f"comma-separated subset of {','.join(ALL_SIDES)}, each comparison taking those it has "
+                        f"(GRPO/RLOO/DPO: {TRL_NOGC} is {TRL}); default: every side of each comparison")
     p.add_argument("--no-scaling", action="store_true")
     p.add_argument("--scaling-iterations", type=int, default=3)
     p.add_argument("--scaling-only", action="store_true", help="only the scaling table (no comparison, no speedup line)")
@@ -764,11 +1030,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.batch_size, a.group_size, a.response_length, a.epochs, a.mini_batches = 4, 2, 4, 1, 1
+        a.dpo_batch_size, a.dpo_steps = 2, 2
         a.warmup, a.iterations, a.no_scaling = 1, 1, True
     algos = ALGOS if a.algo == "all" else (a.algo,)
-    sides = tuple(x.strip() for x in a.sides.split(",") if x.strip())
-    if not sides or any(x not in SIDES["ppo"] for x in sides) or OURS not in sides:
-        p.error(f"--sides: a subset of {SIDES['ppo']} that includes {OURS}")
+    sides = ALL_SIDES if a.sides is None else tuple(x.strip() for x in a.sides.split(",") if x.strip())
+    if not sides or any(x not in ALL_SIDES for x in sides) or OURS not in sides:
+        p.error(f"--sides: a subset of {ALL_SIDES} that includes {OURS}")
     if a.batch_size % a.mini_batches:
         p.error("--mini-batches must divide --batch-size")
     base = common.Settings(model=a.model, batch_size=a.batch_size, response_length=a.response_length, epochs=a.epochs,
@@ -794,17 +1061,25 @@ def main(argv=None) -> int:
                                          indent=1))
         return 0
 
-    if any(x != "ppo" for x in algos) and (a.group_size < 2 or a.batch_size % a.group_size):
+    if any(x in ("grpo", "rloo") for x in algos) and (a.group_size < 2 or a.batch_size % a.group_size):
         p.error("--group-size: at least 2, and a divisor of --batch-size")
+    if "dpo" in algos and (a.dpo_batch_size < 1 or a.dpo_steps < 1 or a.response_length < 2):
+        p.error("--dpo-batch-size and --dpo-steps: at least 1; --response-length: at least 2 (a word and EOS)")
     print(f"# lightning-rlhf vs TRL ({', '.join(x.upper() for x in algos)}), {datetime.date.today().isoformat()}")
     print(f"machine: {machine()}")
     print(f"versions: {versions()}", flush=True)
     comparisons = {}
     for algo in algos:
-        s = base if algo == "ppo" else group_settings(base, algo, a.group_size)
-        # GRPO/RLOO: TRL as shipped makes no explicit collection, so a request for trl-nogc is one for trl
+        if algo == "ppo":
+            s = base
+        elif algo == "dpo":
+            s = dpo_settings(base, a.dpo_batch_size, a.dpo_steps)
+        else:
+            s = group_settings(base, algo, a.group_size)
+        # GRPO/RLOO/DPO: TRL as shipped makes no explicit collection, so a request for trl-nogc is one for trl
         algo_sides = [TRL if x == TRL_NOGC and algo != "ppo" else x for x in sides]
-        comparisons[algo] = compare(s, list(dict.fromkeys(algo_sides)), a.warmup, a.iterations)
+        comparisons[algo] = compare(s, [x for x in dict.fromkeys(algo_sides) if x in SIDES[algo]], a.warmup,
+                                    a.iterations)
         if algo != "ppo":
             print_speedup(algo, comparisons[algo])
 

@@ -1,5 +1,5 @@
-"""What the benchmarks share: the settings, the models built from one seed, the prompts, and the
-measuring tools (peak RSS on Linux, medians).
+"""What the benchmarks share: the settings, the models built from one seed, the prompts, the preference
+pairs (DPO), and the measuring tools (peak RSS on Linux, medians).
 
 Imports stay light at module level (no torch, no Lightning, no TRL): each benchmark side runs in its
 own process and imports only what it needs, so that neither side's peak memory nor its garbage
@@ -25,17 +25,18 @@ class Settings:
     """One setting, identical for both frameworks (see bench/RESULTS.md for the mapping to TRL's configs)."""
 
     model: str = "tiny"  # a key of MODEL_SIZES
-    algo: str = "ppo"  # ppo | grpo | rloo
-    batch_size: int = 16  # prompts per iteration (rollout batch)
+    algo: str = "ppo"  # ppo | grpo | rloo | dpo
+    batch_size: int = 16  # prompts per iteration (rollout batch); DPO: preference pairs per iteration
     group_size: int = 1  # samples per prompt (GRPO, RLOO; TRL's num_generations)
-    mini_batches: int = 2  # optimizer steps per epoch
-    epochs: int = 4  # epochs (passes) over each rollout batch
+    mini_batches: int = 2  # optimizer steps per epoch (DPO: per iteration)
+    epochs: int = 4  # epochs (passes) over each rollout batch (DPO: 1, every pair is seen once)
     agg: str | None = None  # GRPO/RLOO: our algorithm.agg (TRL's loss_type); None: the algorithm file's
     advantage_scale: str | None = None  # GRPO/RLOO: group advantages / std of group | batch | none; None: the file's
-    response_length: int = 24  # max new tokens
+    response_length: int = 24  # max new tokens (DPO: tokens of a chosen or rejected completion, EOS included, at most)
     prompt_length: int = 16  # prompts are truncated to this many tokens (BOS included)
     temperature: float = 1.0
     kl_coef: float = 0.05
+    beta: float = 0.1  # DPO: the preference loss's beta (algorithm.beta; DPOConfig.beta)
     lr: float = 3e-4
     threads: int = 1  # torch intra-op threads in each process
     seed: int = 0
@@ -45,7 +46,7 @@ class Settings:
         return self.batch_size * self.group_size
 
     def minibatch_size(self) -> int:
-        """Sequences per optimizer step."""
+        """Sequences per optimizer step (DPO: pairs per optimizer step)."""
         return self.sequences() // self.mini_batches
 
     def label(self) -> str:
@@ -111,6 +112,49 @@ def prompt_texts(tok, settings: Settings, n: int = 512) -> list[str]:
     texts = [f"{tok.bos_token} {tok.decode(row[1:])} " if has_bos(row) else f"{tok.decode(row)} " for row in ids]
     if tok(texts, add_special_tokens=False)["input_ids"] != ids:
         raise RuntimeError("prompt_texts: the texts do not tokenize back to the benchmark's prompt ids")
+    return texts
+
+
+def preference_pairs(tok, settings: Settings, n: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """n preference pairs as token ids, deterministic for settings.seed: (prompt, chosen, rejected).
+
+    The review world's examples two at a time: the first one's prompt (BOS + words, kept only when it
+    fits settings.prompt_length untruncated), the two examples' completions cut to
+    settings.response_length - 1 tokens and ended by EOS, the one with the higher gold (VADER) score
+    chosen. Nothing is left for either framework to truncate or to append.
+    """
+    from lightning_rlhf.data.reviews import generate_examples, gold_score
+
+    pairs, draw = [], 0
+    while len(pairs) < n:
+        examples = generate_examples(4 * n, seed=settings.seed + draw)
+        draw += 1
+        prompts = tok([p for p, _ in examples[0::2]], add_special_tokens=False)["input_ids"]
+        cut = lambda ids: ids[: settings.response_length - 1] + [tok.eos_token_id]
+        completions = [cut(ids) for ids in tok([c for _, c in examples], add_special_tokens=False)["input_ids"]]
+        scores = gold_score([tok.decode(ids[:-1]) for ids in completions])
+        for i, prompt in enumerate(prompts):
+            if len(prompt) + 1 > settings.prompt_length or len(pairs) == n:
+                continue
+            a, b = 2 * i, 2 * i + 1
+            chosen, rejected = (a, b) if scores[a] >= scores[b] else (b, a)
+            pairs.append(([tok.bos_token_id] + prompt, completions[chosen], completions[rejected]))
+    return pairs
+
+
+def preference_texts(tok, pairs) -> list[tuple[str, str, str]]:
+    """The pairs of `preference_pairs` as (prompt, chosen, rejected) texts, for trainers that tokenize their
+    dataset themselves: the prompt as in `prompt_texts` ("<bos> words ", the trailing space keeps the
+    completion's first word apart when prompt and completion are concatenated), completions ending in
+    " <eos>" (so that TRL appends no second EOS). Checked to tokenize back to exactly the same ids, alone
+    and concatenated."""
+    texts = [(f"{tok.decode(p)} ", tok.decode(c), tok.decode(r)) for p, c, r in pairs]
+    encode = lambda xs: tok(xs, add_special_tokens=False)["input_ids"]
+    for column, (ids, strings) in enumerate(zip(zip(*pairs), zip(*texts))):
+        if encode(list(strings)) != list(ids):
+            raise RuntimeError(f"preference_texts: column {column} does not tokenize back to its ids")
+    if encode([p + c for p, c, _ in texts]) != [p + c for p, c, _ in pairs]:
+        raise RuntimeError("preference_texts: prompt + chosen does not tokenize to the concatenated ids")
     return texts
 
 

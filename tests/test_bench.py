@@ -1,4 +1,4 @@
-"""The side-by-side benchmark against TRL stays runnable: its quick mode end to end (GRPO, RLOO and PPO,
+"""The side-by-side benchmark against TRL stays runnable: its quick mode end to end (GRPO, RLOO, DPO and PPO,
 both frameworks, one worker process per side), and the format of what it prints. Nothing here is timed."""
 
 from __future__ import annotations
@@ -16,15 +16,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "bench_trl.py"
 SIDES = {"grpo": {"lightning-rlhf", "trl"}, "rloo": {"lightning-rlhf", "trl"},
-         "ppo": {"lightning-rlhf", "trl", "trl-nogc"}}
-SPEEDUP = {"grpo": "speedup_vs_trl_grpo", "rloo": "speedup_vs_trl_rloo", "ppo": "speedup_vs_trl"}
+         "dpo": {"lightning-rlhf", "trl", "trl-precomputed"}, "ppo": {"lightning-rlhf", "trl", "trl-nogc"}}
+SPEEDUP = {"grpo": "speedup_vs_trl_grpo", "rloo": "speedup_vs_trl_rloo", "dpo": "speedup_vs_trl_dpo",
+           "ppo": "speedup_vs_trl"}
+COLUMNS = {"grpo": 11, "rloo": 11, "dpo": 10, "ppo": 11}  # numeric columns of each table (DPO: no rollout)
 
 
 def tables(lines: list[str]) -> dict[str, dict[str, list[str]]]:
     """algo -> side -> the cells of its row, from each `# lightning-rlhf vs TRL ALGO (...)` section."""
     out = {}
     for i, line in enumerate(lines):
-        match = re.match(r"# lightning-rlhf vs TRL (GRPO|RLOO|PPO) \(", line)
+        match = re.match(r"# lightning-rlhf vs TRL (GRPO|RLOO|DPO|PPO) \(", line)
         if match:
             header = next(j for j in range(i, len(lines)) if lines[j].startswith("| side |"))
             rows = {}
@@ -55,17 +57,18 @@ def test_bench_trl_quick_runs_every_comparison_and_ends_with_the_ppo_speedup(tmp
         speedups[algo] = found[0]
         assert math.isfinite(found[0][1]) and found[0][1] > 0
     assert speedups["ppo"][0] == len(lines) - 1, lines[-1]
-    assert speedups["grpo"][0] < speedups["rloo"][0] < speedups["ppo"][0]
+    assert speedups["grpo"][0] < speedups["rloo"][0] < speedups["dpo"][0] < speedups["ppo"][0]
 
-    # one table per comparison, a row per side, each with 11 numeric columns
+    # one table per comparison, a row per side, each with its numeric columns
     printed = tables(lines)
     assert set(printed) == set(SIDES)
     for algo, rows in printed.items():
         assert set(rows) == SIDES[algo], (algo, rows)
         for cells in rows.values():
-            assert len(cells) == 11 and all(math.isfinite(float(c)) for c in cells), cells
+            assert len(cells) == COLUMNS[algo] and all(math.isfinite(float(c)) for c in cells), cells
     assert any(line.startswith("machine: ") for line in lines)
-    assert sum(line.startswith("settings: ") for line in lines) == 3
+    assert sum(line.startswith("settings: ") for line in lines) == 4
+    assert sum(line.startswith("reference log-probs computed once before training") for line in lines) == 1
 
     # the JSON agrees with the output: each speed-up is against the faster TRL variant
     comparisons = json.loads(out_json.read_text())["comparisons"]
@@ -73,10 +76,11 @@ def test_bench_trl_quick_runs_every_comparison_and_ends_with_the_ppo_speedup(tmp
         summary = comparisons[algo]["summary"]
         fastest = min(summary[x]["iter_ms"] for x in sides - {"lightning-rlhf"})
         assert speedups[algo][1] == pytest.approx(fastest / summary["lightning-rlhf"]["iter_ms"], abs=0.006)
-        # identical work on both sides: 1 timed iteration of 4 sequences (GRPO/RLOO: 2 prompts x 2) x <= 4 tokens
+        # identical work on both sides: 1 timed iteration of 4 sequences (GRPO/RLOO: 2 prompts x 2) x <= 4 tokens;
+        # DPO: 2 optimizer steps of 2 pairs, each pair's chosen and rejected completions of 2 to 4 tokens
         for side in sides:
             assert len(comparisons[algo]["results"][side]) == 1
-            assert 4 <= summary[side]["tokens"] <= 16
+            assert (16 <= summary[side]["tokens"] <= 32) if algo == "dpo" else (4 <= summary[side]["tokens"] <= 16)
         assert comparisons[algo]["settings"]["batch_size"] * comparisons[algo]["settings"]["group_size"] == 4
 
     # trl 1.12's PPO trainer collects garbage explicitly every step (what trl-nogc removes); GRPO and RLOO do not
@@ -84,3 +88,18 @@ def test_bench_trl_quick_runs_every_comparison_and_ends_with_the_ppo_speedup(tmp
     assert comparisons["ppo"]["summary"]["trl-nogc"]["gc_calls"] == 0
     assert comparisons["grpo"]["summary"]["trl"]["gc_calls"] == 0
     assert comparisons["rloo"]["summary"]["trl"]["gc_calls"] == 0
+    dpo = comparisons["dpo"]["summary"]
+    assert all(dpo[side]["gc_calls"] == 0 for side in SIDES["dpo"])
+
+    # DPO: the same pairs on every side (same completion tokens); TRL as shipped runs its reference model in
+    # every step, lightning-rlhf and trl-precomputed compute the reference log-probs once before training
+    assert len({dpo[side]["tokens"] for side in SIDES["dpo"]}) == 1
+    assert [r["steps"] for r in comparisons["dpo"]["results"]["lightning-rlhf"]] == [2]
+    assert dpo["trl"]["ref_ms"] > 0 and dpo["trl"]["ref_precompute_ms"] == 0
+    for side in ("lightning-rlhf", "trl-precomputed"):
+        assert dpo[side]["ref_ms"] == 0 and dpo[side]["ref_precompute_ms"] > 0
+    # ... and the same updates: from the same weights on the same pairs, every side's loss agrees after its
+    # warm-up iteration's optimizer steps (float rounding apart)
+    losses = [dpo[side]["last_loss"] for side in SIDES["dpo"]]
+    assert max(losses) - min(losses) < 1e-4 and 0 < losses[0] < 1, losses
+    assert sum(line.startswith("same pairs, same updates: ") for line in lines) == 1
