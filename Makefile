@@ -22,7 +22,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not distributed"
 
-bench: setup  # lightning-rlhf vs TRL: GRPO, RLOO, then PPO side by side; see bench/RESULTS.md
+bench: setup  # lightning-rlhf vs TRL: GRPO, RLOO, DPO, then PPO side by side (~4 min); see bench/RESULTS.md
 	$(PY) bench/bench_trl.py
 
 clean:

@@ -713,7 +713,8 @@ def compare(s: common.Settings, sides, warmup: int, iterations: int) -> dict:
         ratio = lambda key: summary[x][key] / max(ours[key], 1e-9)
         print(f"{x} / lightning-rlhf: time x{ratio('iter_ms'):.2f}, cpu x{ratio('cpu_ms'):.2f}, "
               + "".join(f"{p} x{ratio(p + '_ms'):.2f}, " for p in phases)
-              + f"iter MB x{ratio('iter_mb'):.2f}, peak MB x{ratio('peak_rss_mb'):.2f}")
+              + (f"iter MB x{ratio('iter_mb'):.2f}, " if ours["iter_mb"] >= 1.0 else "iter MB: ours < 1, no ratio, ")
+              + f"peak MB x{ratio('peak_rss_mb'):.2f}")
     if s.algo == "dpo":
         print("reference log-probs computed once before training (not in iter ms): "
               + ", ".join(f"{x} {summary[x]['ref_precompute_ms']:.1f} ms "
