@@ -78,12 +78,31 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, seed: int = 0):
     return model
 
 
+def _architectures(path: str, key: str) -> list[str]:
+    try:
+        return list(AutoConfig.from_pretrained(path).architectures or [])
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{key}: cannot load a reward model from {path!r}: {err}") from None
+
+
 def load_sequence_classifier(path: str, tokenizer, key: str = "reward.path", dtype=torch.float32):
-    """A reward model: a sequence classifier with one output, from a folder."""
+    """A reward model: a sequence classifier with one output, from a folder.
+
+    A folder saved as another architecture (a causal LM: its score head would be random) is refused by
+    name. The embeddings grow when the tokenizer is larger than the model's vocabulary (it got a pad
+    token), as for the policy.
+    """
+    archs = _architectures(path, key)
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        kind = "a causal LM" if any(a.endswith(("LMHeadModel", "ForCausalLM")) for a in archs) else "another model"
+        raise ConfigError(f"{key}: {path} is {archs[0]}, {kind}, not a sequence classifier "
+                          "(train one with stage=rm, or give a folder saved by AutoModelForSequenceClassification)")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
     except OSError as err:
         raise ConfigError(f"{key}: cannot load a reward model from {path!r}: {err}") from None
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
