@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -222,11 +223,16 @@ def test_optuna_runs_two_trials_at_once_through_the_local_launcher(tmp_path):
         assert b_start < a_end and a_start < b_end
 
 
-def test_local_launcher_records_a_job_that_died_and_goes_on(tmp_path):
+def die(*args, **kwargs):
+    """A reward whose construction kills its process, as the kernel's OOM killer would."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_local_launcher_records_a_job_that_died_and_goes_on(tmp_path, monkeypatch):
     sweep_dir = tmp_path / "sweep"
-    # the second job's reward kills its process (SIGABRT) while the stage builds
-    res = _multirun(tmp_path, sweep_dir, "logger=none", "hydra/launcher=local", f"reward.fn._target_={VADER},os.abort",
-                    returncode=1)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))  # the jobs import `die` from here
+    res = _multirun(tmp_path, sweep_dir, "logger=none", "hydra/launcher=local",
+                    f"reward.fn._target_={VADER},tests.integration.test_sweeps.die", returncode=1)
     _failed_listed(res, "1")
     assert _summary(sweep_dir / "0")["status"] == "completed"
     died = _summary(sweep_dir / "1")
