@@ -57,6 +57,37 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why `path` cannot be resumed from (a truncated or corrupt file), or None. A torch checkpoint is a
+    zip archive: its central directory and every member's CRC are checked (no tensor is loaded); a
+    DeepSpeed checkpoint folder, each of its .pt files."""
+    import zipfile
+
+    path = Path(path)
+    files = sorted(path.rglob("*.pt")) if path.is_dir() else [path]
+    if not files:
+        return "an empty checkpoint folder"
+    for f in files:
+        try:
+            with zipfile.ZipFile(f) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            return f"{f.name}: {err}"
+        if bad is not None:
+            return f"{f.name}: member {bad} fails its CRC check"
+    return None
+
+
+def latest_good_checkpoint(folder: Path) -> Optional[Path]:
+    """The newest checkpoint of `folder` that is complete; each broken newer one is reported and skipped."""
+    for _, path in reversed(list_checkpoints(folder)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is truncated or corrupt (%s); trying the one before it", path, problem)
+    return None
+
+
 def _fsync(path: Path) -> None:
     """Flush one file or folder entry to disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -102,9 +133,15 @@ def save_atomic(trainer, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove(tmp)  # a leftover of a killed write
     trainer.strategy.barrier("checkpoint.prepare")
-    trainer.save_checkpoint(tmp, weights_only=False)
-    if trainer.is_global_zero:
-        publish(tmp, path)
+    try:
+        trainer.save_checkpoint(tmp, weights_only=False)
+        if trainer.is_global_zero:
+            publish(tmp, path)
+    except OSError as err:  # a full or read-only disk: the earlier checkpoints stay, the partial file goes
+        if trainer.is_global_zero:
+            _remove(tmp)
+        raise OSError(err.errno, f"could not write the checkpoint {path} ({err.strerror or err}); the earlier "
+                                 f"checkpoints in {path.parent} are kept") from err
     trainer.strategy.barrier("checkpoint.publish")
 
 
@@ -252,7 +289,7 @@ def find_resume_checkpoint(cfg: RunConfig) -> Optional[Path]:
         return None
     if cfg.resume != "auto":
         return Path(cfg.resume).expanduser()
-    own = latest_checkpoint(checkpoint_dir(cfg))
+    own = latest_good_checkpoint(checkpoint_dir(cfg))
     if own is not None:
         return own
     index = _index_file(cfg)
@@ -261,7 +298,7 @@ def find_resume_checkpoint(cfg: RunConfig) -> Optional[Path]:
             folder = Path(json.loads(index.read_text())["checkpoints"])
         except (ValueError, KeyError):
             return None
-        found = latest_checkpoint(folder)
+        found = latest_good_checkpoint(folder)
         if found is not None:
             log.info("resume=auto: continuing the earlier run of this config from %s", found)
         return found

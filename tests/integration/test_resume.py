@@ -6,6 +6,7 @@ must come back too. Plus: checkpoint writes are atomic and only the last k are k
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import signal
 import subprocess
@@ -139,8 +140,8 @@ class _WritingTrainer:
 
     is_global_zero = True
 
-    def __init__(self, payload, fail_midway: bool = False):
-        self.payload, self.fail_midway = payload, fail_midway
+    def __init__(self, payload, fail_midway: bool = False, disk_full: bool = False):
+        self.payload, self.fail_midway, self.disk_full = payload, fail_midway, disk_full
         self.strategy = self
 
     def barrier(self, name=None):
@@ -150,6 +151,9 @@ class _WritingTrainer:
         if self.fail_midway:  # a crash in the middle of the write: a partial file, then death
             Path(path).write_bytes(b"PK\x03\x04 partial")
             raise KeyboardInterrupt("killed during the write")
+        if self.disk_full:  # the disk fills up in the middle of the write
+            Path(path).write_bytes(b"PK\x03\x04 partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
         torch.save(self.payload, path)
 
 
@@ -163,6 +167,31 @@ def test_a_crash_during_the_write_leaves_the_previous_checkpoint_intact(tmp_path
     save_atomic(_WritingTrainer({"iteration": torch.tensor(2)}), checkpoint_path(folder, 2))
     assert [it for it, _ in list_checkpoints(folder)] == [1, 2]
     assert sorted(p.name for p in folder.iterdir()) == ["iter-000001.ckpt", "iter-000002.ckpt"]  # leftover gone
+
+
+def test_a_full_disk_names_the_path_keeps_the_earlier_checkpoints_and_leaves_no_partial_file(tmp_path):
+    folder = tmp_path / "checkpoints"
+    save_atomic(_WritingTrainer({"iteration": torch.tensor(1)}), checkpoint_path(folder, 1))
+    with pytest.raises(OSError, match=r"could not write the checkpoint .*iter-000002.ckpt \(No space left on device\)"):
+        save_atomic(_WritingTrainer({"iteration": torch.tensor(2)}, disk_full=True), checkpoint_path(folder, 2))
+    assert sorted(p.name for p in folder.iterdir()) == ["iter-000001.ckpt"]
+
+
+def test_resume_auto_skips_a_truncated_latest_checkpoint(tmp_path, caplog):
+    cfg = tiny_run_config(run_dir=str(tmp_path), resume="auto")
+    folder = tmp_path / "checkpoints"
+    for i in (1, 2, 3):
+        save_atomic(_WritingTrainer({"iteration": torch.tensor(i), "weights": torch.full((1000,), float(i))}),
+                    checkpoint_path(folder, i))
+    newest = checkpoint_path(folder, 3)
+    newest.write_bytes(newest.read_bytes()[:len(newest.read_bytes()) // 2])  # truncated, e.g. by a full disk
+    middle = checkpoint_path(folder, 2)
+    data = bytearray(middle.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte inside a tensor: the CRC check catches it
+    middle.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="lightning_rlhf"):
+        assert find_resume_checkpoint(cfg) == checkpoint_path(folder, 1)
+    assert "iter-000003.ckpt is truncated or corrupt" in caplog.text and "iter-000002.ckpt" in caplog.text
 
 
 _WRITER = """
