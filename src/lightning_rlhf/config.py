@@ -87,10 +87,17 @@ class ModelConfig:
 
 @dataclass
 class RewardConfig:
+    """The reward: a learned reward model (type=model), one callable (type=function, reward.fn), or
+    `functions`, a list of reward functions in TRL's `reward_funcs` convention, weighted and summed
+    (when non-empty it is the reward, whatever `type` says; see rewards/functions.py)."""
+
     type: str = "model"  # model | function
     path: Optional[str] = None  # HF sequence-classifier folder (type=model)
     tokenizer: Optional[str] = None  # its tokenizer if it differs from the policy's (None -> path)
     fn: Optional[Any] = None  # {_target_: module.callable, ...}: f(prompts, responses) -> scores
+    # [{_target_, weight: 1.0, name: <last part of _target_>, ...kwargs}]: f(prompts, completions, **columns)
+    functions: list = field(default_factory=list)
+    non_finite: str = "error"  # functions returning NaN/inf (or None for every function): error | mask (out of the loss)
     clip: Optional[float] = None  # clip scores to [-clip, clip]
     normalize: bool = False  # running mean/std normalisation of scores (global over ranks)
     missing_eos_penalty: Optional[float] = None  # added to the score of responses with no EOS
@@ -98,11 +105,37 @@ class RewardConfig:
 
     def check(self) -> None:
         _choice("reward.type", self.type, ("model", "function"))
-        if self.type == "function":
+        if self.type == "function" and not self.functions:
             _check(isinstance(self.fn, dict) and "_target_" in self.fn, "reward.fn",
                    "reward.type=function needs reward.fn._target_ (a callable f(prompts, responses))", self.fn)
+            _check_target("reward.fn", self.fn)
+        _choice("reward.non_finite", self.non_finite, ("error", "mask"))
+        names = []
+        for i, entry in enumerate(self.functions):
+            key = f"reward.functions[{i}]"
+            _check_target(key, entry)
+            weight = entry.get("weight", 1.0)
+            _check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight == weight,
+                   f"{key}.weight", "must be a number", weight)
+            name = entry.get("name") or entry["_target_"].rsplit(".", 1)[-1]
+            _check(isinstance(name, str) and re.fullmatch(r"[\w.-]+", name) is not None, f"{key}.name",
+                   "must be a word (it names the metric reward/<name>)", name)
+            _check(name not in names, f"{key}.name", "is used twice: give each reward function its own name", name)
+            names.append(name)
         _check(self.clip is None or self.clip > 0, "reward.clip", "must be > 0 or null", self.clip)
         _check(self.micro_batch_size > 0, "reward.micro_batch_size", "must be > 0", self.micro_batch_size)
+
+    def learned_functions(self) -> list[dict]:
+        return [f for f in self.functions if f.get("_target_") == LEARNED_REWARD]
+
+    def needs_reward_model(self) -> bool:
+        """Whether the pipeline trains a reward model for this reward (a learned one without a path)."""
+        if self.functions:
+            return any(not f.get("path") for f in self.learned_functions())
+        return self.type == "model"
+
+
+LEARNED_REWARD = "lightning_rlhf.rewards.learned_reward"
 
 
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -147,8 +180,23 @@ class DataSourceConfig:
 
 
 @dataclass
+class ArithConfig:
+    """The embedded arithmetic world (data.source=arith, data/arith.py)."""
+
+    max_operand: int = 40  # operands 0 .. max_operand
+    ops: list = field(default_factory=lambda: ["plus", "minus"])
+    error_rate: float = 0.5  # share of the SFT demonstrations answered with a plausible slip
+
+    def check(self) -> None:
+        _check(1 <= self.max_operand <= 999, "data.arith.max_operand", "must be in [1, 999]", self.max_operand)
+        _check(bool(self.ops) and all(op in ("plus", "minus") for op in self.ops), "data.arith.ops",
+               "must be a non-empty list of plus, minus", self.ops)
+        _check(0.0 <= self.error_rate < 1.0, "data.arith.error_rate", "must be in [0, 1)", self.error_rate)
+
+
+@dataclass
 class DataConfig:
-    source: str = "reviews"  # reviews (the embedded synthetic world) | files (prompts/sft/preferences below)
+    source: str = "reviews"  # reviews | arith (the embedded worlds) | files (prompts/sft/preferences below)
     prompts: DataSourceConfig = field(default_factory=DataSourceConfig)  # PPO prompts (unset: preferences', sft's)
     sft: DataSourceConfig = field(default_factory=DataSourceConfig)  # demonstrations: prompt + completion
     preferences: DataSourceConfig = field(default_factory=DataSourceConfig)  # prompt + chosen + rejected
@@ -160,12 +208,19 @@ class DataConfig:
     num_eval_prompts: int = 128
     max_prompt_len: int = 16
     seed: int = 0
-    gold: Optional[Any] = None  # {_target_: ...}: a gold scorer f(prompts, responses) for evaluation only
+    gold: Optional[Any] = None  # {_target_: ...}: a gold scorer f(prompts, responses, **columns) for evaluation only
+    gold_name: Optional[str] = None  # also report the gold score as <name>_sft/_final and plots/<name>.png
+    arith: ArithConfig = field(default_factory=ArithConfig)  # data.source=arith
 
     SOURCES = ("prompts", "sft", "preferences")
 
     def check(self) -> None:
-        _choice("data.source", self.source, ("reviews", "files"))
+        _choice("data.source", self.source, ("reviews", "arith", "files"))
+        if self.gold is not None:
+            _check_target("data.gold", self.gold)
+        _check(self.gold_name is None or re.fullmatch(r"[a-z_]+", self.gold_name) is not None, "data.gold_name",
+               "must be a lowercase word (a summary key prefix)", self.gold_name)
+        self.arith.check()
         _choice("data.long_prompts", self.long_prompts, ("truncate_left", "drop"))
         _check(0.0 < self.heldout_fraction < 1.0, "data.heldout_fraction", "must be in (0, 1)", self.heldout_fraction)
         for key in ("num_sft_examples", "num_prompts", "num_eval_prompts", "max_prompt_len"):
@@ -177,14 +232,15 @@ class DataConfig:
                                   f"(data.source={self.source} generates its own)")
             spec.check(f"data.{name}")
 
-    def check_stage(self, stage: str) -> None:
-        """The sources that `stage` reads are set (data.source=files)."""
+    def check_stage(self, stage: str, needs_reward_model: bool = True) -> None:
+        """The sources that `stage` reads are set (data.source=files); the pipeline trains a reward model
+        only when `needs_reward_model` (reward.needs_reward_model())."""
         if self.source != "files":
             return
         if stage in ("sft", "pipeline") and not self.sft.is_set():
             raise ConfigError(f"data.sft.path: stage={stage} with data.source=files needs demonstrations "
                               "(data.sft.path or data.sft.name)")
-        if stage in ("rm", "pipeline") and not self.preferences.is_set():
+        if (stage == "rm" or stage == "pipeline" and needs_reward_model) and not self.preferences.is_set():
             raise ConfigError(f"data.preferences.path: stage={stage} with data.source=files needs preference "
                               "pairs (data.preferences.path or data.preferences.name)")
         if stage == "ppo" and self.prompt_source()[1] is None:
@@ -609,11 +665,19 @@ class RunConfig:
         if self.resume not in (None, "auto"):
             _check(Path(self.resume).expanduser().exists(), "resume", "checkpoint not found (or use auto)",
                    self.resume)
-        self.model.check_stage(self.stage), self.data.check_stage(self.stage)
-        if self.stage == "ppo" and self.reward.type == "model":
+        # reward.functions without a learned entry: no reward-model stage, no preference pairs needed (the older
+        # reward.type=function keeps its check as it was)
+        needs_pairs = self.reward.needs_reward_model() or not self.reward.functions
+        self.model.check_stage(self.stage), self.data.check_stage(self.stage, needs_pairs)
+        if self.stage == "ppo" and self.reward.type == "model" and not self.reward.functions:
             _check(self.reward.path is not None, "reward.path",
                    "stage=ppo with reward.type=model needs the reward model folder", None)
             _check_model_path("reward.path", self.reward.path)
+        for i, entry in enumerate(self.reward.functions):
+            if entry.get("_target_") == LEARNED_REWARD:
+                _check(self.stage == "pipeline" or bool(entry.get("path")), f"reward.functions[{i}].path",
+                       f"stage={self.stage} needs the reward model folder of a learned reward", entry.get("path"))
+                _check_model_path(f"reward.functions[{i}].path", entry.get("path"))
         if self.stage in ("rm", "pipeline") and self.trainer.rm.init == "config":
             _check(self.model.config is not None, "trainer.rm.init",
                    "'config' builds the reward model from model.config, which is not set", self.trainer.rm.init)

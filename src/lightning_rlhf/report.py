@@ -16,7 +16,22 @@ CURVES = {  # file name -> (title, training-metric column, evaluation column)
 }
 
 
-def plot_curves(metrics_csv: Path, eval_csv: Path, out_dir: Path) -> list[Path]:
+def curves(gold_name: Optional[str] = None, reward_names: tuple[str, ...] = ()) -> dict:
+    """CURVES; with `gold_name` (data.gold_name) the gold curve is <gold_name>.png and the proxy reward is
+    the training reward (reward.png); one curve per reward function (reward_<name>.png)."""
+    if gold_name is None and not reward_names:
+        return CURVES
+    label = gold_name.replace("_", " ").capitalize() if gold_name else None
+    out = {("reward" if gold_name else "proxy_reward"): ("Reward (the training reward)", "objective/score",
+                                                         "val/proxy_reward"),
+           (gold_name or "gold_score"): (f"{label or 'Gold score'} (held-out prompts)", None, "val/gold_score"),
+           "kl": CURVES["kl"]}
+    for name in reward_names:
+        out[f"reward_{name}"] = (f"Reward function {name!r}", f"reward/{name}", f"val/reward/{name}")
+    return out
+
+
+def plot_curves(metrics_csv: Path, eval_csv: Path, out_dir: Path, gold_name: Optional[str] = None) -> list[Path]:
     """One PNG per curve: the training rollouts (thin) and the held-out evaluations (markers)."""
     import matplotlib
 
@@ -27,7 +42,9 @@ def plot_curves(metrics_csv: Path, eval_csv: Path, out_dir: Path) -> list[Path]:
     evals = read_csv(eval_csv) if Path(eval_csv).exists() else []
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, (title, train_key, eval_key) in CURVES.items():
+    reward_names = tuple(k.split("/", 1)[1] for k in (train[0] if train else {})
+                         if k.startswith("reward/") and k not in ("reward/total", "reward/invalid_frac"))
+    for name, (title, train_key, eval_key) in curves(gold_name, reward_names).items():
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
         drew = False
         if train_key and train and train_key in train[0]:
@@ -57,12 +74,16 @@ def _cell(text: str) -> str:
 
 
 def samples_table(before: list[dict], after: list[dict], n: int = 12) -> str:
-    """Markdown table: prompt, response before and after, with their scores."""
+    """Markdown table: prompt (and its row's answer, when it has one), response before and after, with
+    their scores."""
     has_gold = "gold" in (before[0] if before else {})
-    head = "| prompt | before | after | proxy before -> after |" + (" gold before -> after |" if has_gold else "")
-    lines = [head, "|" + "---|" * (5 if has_gold else 4)]
+    has_answer = "answer" in (before[0] if before else {})
+    head = "| prompt |" + (" answer |" if has_answer else "") + " before | after | proxy before -> after |" + \
+           (" gold before -> after |" if has_gold else "")
+    lines = [head, "|" + "---|" * (4 + has_gold + has_answer)]
     for b, a in list(zip(before, after))[:n]:
-        row = f"| {_cell(b['prompt'])} | {_cell(b['response'])} | {_cell(a['response'])} | " \
+        answer = f" {_cell(str(_short_answer(b['answer'])))} |" if has_answer else ""
+        row = f"| {_cell(b['prompt'])} |{answer} {_cell(b['response'])} | {_cell(a['response'])} | " \
               f"{b['proxy']:+.2f} -> {a['proxy']:+.2f} |"
         if has_gold:
             row += f" {b['gold']:+.2f} -> {a['gold']:+.2f} |"
@@ -70,9 +91,16 @@ def samples_table(before: list[dict], after: list[dict], n: int = 12) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short_answer(answer, width: int = 40) -> str:
+    """An answer column as a table cell: a GSM8K-style solution shows only what follows `####`."""
+    text = str(answer)
+    text = text.rsplit("####", 1)[1].strip() if "####" in text else text
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 # ---- rlhf-report: a run folder or a sweep folder -> tables and PNG plots -------------------------
 SEED_KEYS = ("seed", "ppo_seed")  # sweep parameters that make repetitions, not settings
-TABLE_METRICS = ("gold_score_final", "proxy_reward_final", "kl_final", "gold_score_gain", "rm_accuracy",
+TABLE_METRICS = ("accuracy_sft", "accuracy_final", "gold_score_final", "proxy_reward_final", "kl_final", "gold_score_gain", "rm_accuracy",
                  "wall_s_ppo", "wall_s")
 FRONTIER = (("proxy_reward_final", ("proxy_reward_sft", "proxy_reward_initial"), "Proxy reward (the training reward)"),
             ("gold_score_final", ("gold_score_sft", "gold_score_initial"), "Gold score (held-out)"))
@@ -249,6 +277,59 @@ def plot_frontier(rows: list[dict], out: Path) -> Optional[Path]:
     return out
 
 
+def completions_per_iteration(job_dir: Path) -> Optional[int]:
+    """Completions a job sampled per iteration: trainer.ppo.rollout_batch_size x algorithm.group_size x
+    processes (the job's resolved .hydra/config.yaml; dynamic sampling's extra rounds not counted)."""
+    from omegaconf import OmegaConf
+
+    path = Path(job_dir) / ".hydra" / "config.yaml"
+    if not path.exists():
+        return None
+    cfg = OmegaConf.load(path)
+    devices = OmegaConf.select(cfg, "hardware.devices", default=1)
+    world = (devices if isinstance(devices, int) and devices > 0 else 1) * OmegaConf.select(cfg, "hardware.num_nodes",
+                                                                                             default=1)
+    return int(cfg.trainer.ppo.rollout_batch_size) * int(OmegaConf.select(cfg, "algorithm.group_size", default=1)) * world
+
+
+def plot_over_completions(jobs: list[dict], swept: list[str], out: Path, key: str = "val/gold_score",
+                          label: Optional[str] = None) -> Optional[Path]:
+    """The held-out `key` (eval.csv) against completions sampled so far: one line per setting (the swept
+    keys except seeds), the mean over its seeds with a band of ± one sample std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    setting_keys = [k for k in swept if k not in SEED_KEYS]
+    groups: dict[str, dict[float, list[float]]] = {}
+    for j in jobs:
+        per_iter = completions_per_iteration(j["dir"])
+        evals = read_csv(j["dir"] / "eval.csv") if (j["dir"] / "eval.csv").exists() else []
+        if j["status"] != "completed" or per_iter is None or not evals or key not in evals[0]:
+            continue
+        name = _setting_label({k: j["params"].get(k) for k in setting_keys}) or "all"
+        for r in evals:
+            groups.setdefault(name, {}).setdefault(r["iteration"] * per_iter, []).append(r[key])
+    if not groups:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+    for name, points in groups.items():
+        xs = sorted(points)
+        stats = [_mean_std(points[x]) for x in xs]
+        means, stds = [m for m, _, _ in stats], [sd for _, sd, _ in stats]
+        ax.plot(xs, means, "o-", ms=3, label=f"{name} (n={max(n for _, _, n in stats)})")
+        ax.fill_between(xs, [m - sd for m, sd in zip(means, stds)], [m + sd for m, sd in zip(means, stds)], alpha=0.15)
+    ax.set(xlabel="completions sampled", ylabel=label or key, title=f"{label or key}: mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def report_sweep(sweep_dir: Path, out_dir: Path) -> str:
     import csv
 
@@ -263,6 +344,8 @@ def report_sweep(sweep_dir: Path, out_dir: Path) -> str:
         for j in jobs:
             writer.writerow({"job": j["job"], "status": j["status"], **j["params"], **j["summary"]})
     frontier = plot_frontier(rows, out_dir / "frontier.png")
+    over_completions = plot_over_completions(jobs, swept, out_dir / "over_completions.png",
+                                             label="held-out gold score (arith: accuracy)")
     text = f"# Sweep {Path(sweep_dir).resolve()}\n\n{len(jobs)} jobs, swept: {', '.join(swept) or '-'}; " \
            f"{sum(j['status'] == 'completed' for j in jobs)} completed, " \
            f"{sum(j['status'] == 'failed' for j in jobs)} failed.\n\n" + sweep_table(rows)
@@ -278,6 +361,8 @@ def report_sweep(sweep_dir: Path, out_dir: Path) -> str:
         text += f"\nOptuna best: {best.get('best_params')} -> {best.get('best_value')}\n"
     if frontier:
         text += f"\n![reward vs KL]({frontier.name})\n"
+    if over_completions:
+        text += f"\n![held-out score over completions sampled]({over_completions.name})\n"
     (out_dir / "report.md").write_text(text)
     return text
 

@@ -16,6 +16,7 @@ from lightning_rlhf.experience import Experience
 from lightning_rlhf.losses import entropy_from_logits, kl_penalty, logprobs_from_logits
 from lightning_rlhf.models.policy import ref_logits
 from lightning_rlhf.models.reward import ScoreProcessor, Sequences
+from lightning_rlhf.rewards.functions import as_reward_output, fill_invalid
 from lightning_rlhf.sampling import generate, response_mask_from_ids, sample
 
 
@@ -102,24 +103,37 @@ def collect_rollout(
     micro_batch_size: int,
     group_size: int = 1,
     all_reduce=None,
+    columns: list[dict] | None = None,
 ) -> tuple[Experience, dict[str, torch.Tensor]]:
     """Roll out the policy `group_size` times on each prompt of a batch (N, P): samples, log-probs,
     values (with a critic), reference log-probs, scores and the per-token KL, as an Experience of
     B = N * group_size rows (a prompt's samples consecutive) without advantages, and rollout metrics.
 
-    Score normalisation is global over ranks when `all_reduce` (a sum over ranks) is given.
+    `columns` (N dicts: the prompt rows' other fields) reach the reward with the Sequences. A reward
+    that marks completions invalid (rewards.functions, reward.non_finite=mask) gets them masked out of
+    the loss (an empty response mask; the score is its group's valid mean) and counted in
+    reward/invalid_frac. Score normalisation is global over ranks when `all_reduce` (a sum over ranks)
+    is given.
     """
     if group_size > 1:
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0)
+        columns = None if columns is None else [row for row in columns for _ in range(group_size)]
     response_ids, response_mask, logprobs, values, entropy = sample_with_logprobs(
         policy, prompt_ids, prompt_mask, gen, tokenizer
     )
-    seqs = Sequences(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer)
+    seqs = Sequences(prompt_ids, prompt_mask, response_ids, response_mask, tokenizer, columns, group_size)
     with torch.inference_mode():  # frozen models: no autograd bookkeeping at all (~15% off their forwards)
         ref_lp = reference_logprobs(ref, seqs, response_ids, gen.temperature, micro_batch_size)
-        raw_scores = reward(seqs).float()
+        rewarded = as_reward_output(reward(seqs))
+        raw_scores = rewarded.scores.float()
     ref_lp, raw_scores = ref_lp.clone(), raw_scores.clone()  # ordinary tensors again, safe under autograd
     has_eos = ((response_ids == tokenizer.eos_token_id) & response_mask).any(dim=1)
+    reward_stats = {f"reward/{name}": _nanmean(part) for name, part in rewarded.parts.items()}
+    if rewarded.valid is not None:
+        valid = rewarded.valid.clone()
+        reward_stats |= {"reward/total": _nanmean(raw_scores), "reward/invalid_frac": (~valid).float().mean()}
+        raw_scores = fill_invalid(raw_scores, valid, group_size)
+        response_mask = response_mask & valid[:, None]
     scores = score_processor(raw_scores, has_eos, all_reduce)
     kl = kl_penalty(logprobs, ref_lp, kl_estimator)
     group_index = torch.arange(len(scores) // group_size, device=scores.device).repeat_interleave(group_size)
@@ -136,8 +150,14 @@ def collect_rollout(
         "rollout/response_len": mask_f.sum(1).mean(),
         "rollout/eos_frac": has_eos.float().mean(),
         **group_stats(scores, group_size),
+        **reward_stats,
     }
     return exp, stats
+
+
+def _nanmean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of the non-NaN entries (NaN when there are none)."""
+    return x.float().nanmean()
 
 
 def assign_advantages(exp: Experience, estimator, reward_kl_coef: float, group_size: int = 1,

@@ -118,17 +118,19 @@ class OnlineRLModule(L.LightningModule):
         return 0.0 if self.algo.kl_placement == "none" else self.kl_ctl.value
 
     # ---- one iteration -------------------------------------------------------------------------
-    def rollout(self, prompt_ids, prompt_mask) -> tuple[Experience, dict]:
+    def rollout(self, prompt_ids, prompt_mask, columns=None) -> tuple[Experience, dict]:
+        """`columns`: the prompt rows' other fields, for reward functions (data.prompts.PromptBatches)."""
         cfg = self.cfg
         return collect_rollout(self.policy, self.ref_model, self.reward, self.score_processor, self.tokenizer,
                                prompt_ids, prompt_mask, cfg.generation, self.algo.kl_estimator,
-                               cfg.trainer.ppo.rollout_micro_batch_size, self.algo.group_size, self._all_reduce())
+                               cfg.trainer.ppo.rollout_micro_batch_size, self.algo.group_size, self._all_reduce(),
+                               columns)
 
     def training_step(self, batch, batch_idx):
         t0 = time.perf_counter()
         self.policy.eval()
         with rollout_context(self.trainer):
-            exp, stats = self.rollout(batch["prompt_ids"], batch["prompt_mask"])
+            exp, stats = self.rollout(batch["prompt_ids"], batch["prompt_mask"], batch.get("columns"))
             if self.algo.zero_std == "filter":
                 exp, more = self.resample_zero_std_groups(exp, batch_idx)
                 stats |= more
@@ -170,7 +172,8 @@ class OnlineRLModule(L.LightningModule):
             if rounds == self.algo.max_sampling_rounds or float(need) == 0 or self.prompt_source is None:
                 break
             batch = self.prompt_source.resample(iteration, rounds, self.trainer.global_rank, self.trainer.world_size)
-            exp, _ = self.rollout(batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device))
+            exp, _ = self.rollout(batch["prompt_ids"].to(self.device), batch["prompt_mask"].to(self.device),
+                                  batch.get("columns"))
         filled = sum(len(k) for k in kept) // G
         parts = [k for k in kept if len(k)] + [d for d in dropped if len(d)]
         out = Experience.cat(parts).select(torch.arange(n_groups * G, device=self.device))

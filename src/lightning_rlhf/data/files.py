@@ -231,6 +231,21 @@ def preference_triples(rows: list[dict], spec: DataSourceConfig, key: str, rende
 # ---- what the stages call --------------------------------------------------------------------------
 def load_prompts(data: DataConfig, tokenizer) -> tuple[list[str], list[str]]:
     """(training prompts, held-out prompts) of `data.prompt_source()`, rendered."""
+    train, heldout = load_prompt_rows(data, tokenizer)
+    return train[0], heldout[0]
+
+
+def load_prompt_rows(data: DataConfig, tokenizer):
+    """((training prompts, their columns), (held-out prompts, their columns)) of `data.prompt_source()`:
+    the rendered prompts and, for each, its row's other fields (for reward functions, e.g. `answer`)."""
+    key, spec = data.prompt_source()
+    prompt_fields = {spec.messages_field or spec.prompt_field} if spec is not None else set()
+    columns = lambda rows: [{k: v for k, v in r.items() if k not in prompt_fields} for r in rows]  # noqa: E731
+    texts = _prompt_texts(data, tokenizer)
+    return (texts[0], columns(texts[2])), (texts[1], columns(texts[3]))
+
+
+def _prompt_texts(data: DataConfig, tokenizer):
     key, spec = data.prompt_source()
     if spec is None:
         raise ConfigError("data.prompts.path: data.source=files needs prompts (data.prompts, data.preferences "
@@ -240,8 +255,8 @@ def load_prompts(data: DataConfig, tokenizer) -> tuple[list[str], list[str]]:
     if key != "data.prompts" and spec.messages_field is None and spec.prompt_field not in train[0]:
         # prompts of conversational preference pairs: everything before the last assistant message
         triples = preference_triples(train, spec, key, renderer), preference_triples(heldout, spec, key, renderer)
-        return [t[0] for t in triples[0]], [t[0] for t in triples[1]]
-    return prompt_strings(train, spec, key, renderer), prompt_strings(heldout, spec, key, renderer)
+        return [t[0] for t in triples[0]], [t[0] for t in triples[1]], train, heldout
+    return prompt_strings(train, spec, key, renderer), prompt_strings(heldout, spec, key, renderer), train, heldout
 
 
 def load_demonstrations(data: DataConfig, tokenizer) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

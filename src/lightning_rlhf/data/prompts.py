@@ -66,14 +66,19 @@ class PromptBatches(Dataset):
 
     Prompts are drawn epoch by epoch from seeded permutations of the prompt set, so every prompt
     is seen once per epoch; rank r of `world` ranks takes its own slice of the global batch.
+    With `columns` (one dict per prompt: its row's other fields, e.g. {"answer": "81"}) a batch also
+    holds "columns", the dicts of its prompts, which the rollout hands to the reward functions.
     """
 
     def __init__(self, prompts: list[list[int]], batch_size: int, iterations: int, pad_id: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, columns: list[dict] | None = None):
         if not prompts:
             raise ValueError("the prompt set is empty")
+        if columns is not None and len(columns) != len(prompts):
+            raise ValueError(f"{len(columns)} column rows for {len(prompts)} prompts")
         self.prompts, self.batch_size, self.iterations = prompts, batch_size, iterations
         self.pad_id, self.seed, self.rank, self.world_size = pad_id, seed, rank, world_size
+        self.columns = columns
 
     def __len__(self) -> int:
         return self.iterations
@@ -101,4 +106,6 @@ class PromptBatches(Dataset):
 
     def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         ids, mask = left_pad([self.prompts[k] for k in indices], self.pad_id)
-        return {"prompt_ids": ids, "prompt_mask": mask}
+        if self.columns is None:
+            return {"prompt_ids": ids, "prompt_mask": mask}
+        return {"prompt_ids": ids, "prompt_mask": mask, "columns": [dict(self.columns[k]) for k in indices]}

@@ -91,14 +91,35 @@ class FunctionReward(nn.Module):
 
 
 class Sequences:
-    """Prompt + response of a rollout, with the texts decoded once on demand."""
+    """Prompt + response of a rollout, with the texts decoded once on demand.
 
-    def __init__(self, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer):
+    `columns`: the prompt rows' other fields (one dict per sequence, e.g. {"answer": "81"}) for reward
+    functions; `group_size`: samples per prompt in consecutive rows (sequence i answers prompt i // G).
+    """
+
+    def __init__(self, prompt_ids, prompt_mask, response_ids, response_mask, tokenizer,
+                 columns: list[dict] | None = None, group_size: int = 1):
         self.input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + T)
         self.attention_mask = torch.cat([prompt_mask, response_mask], dim=1).bool()  # (B, P + T)
         self._parts = (prompt_ids, prompt_mask, response_ids, response_mask)
         self._tokenizer = tokenizer
         self._texts = None
+        self.columns, self.group_size = columns, group_size
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def column_lists(self) -> dict[str, list]:
+        """{field: [value of each sequence's row]} (a row without the field gives None); {} without columns."""
+        if not self.columns:
+            return {}
+        names = dict.fromkeys(k for row in self.columns for k in row)
+        return {k: [row.get(k) for row in self.columns] for k in names}
+
+    def completion_ids(self) -> list[list[int]]:
+        """Each response's token ids, up to and including EOS."""
+        _, _, r_ids, r_mask = self._parts
+        return [row[m].tolist() for row, m in zip(r_ids, r_mask.bool())]
 
     def _decode(self):
         if self._texts is None:

@@ -125,11 +125,12 @@ class Pipeline(Stage):
             results[stage.name] = out
             if stage.provides:
                 inputs[stage.provides] = out["model"]
-        return pipeline_summary(results, algorithm_stage(cfg).name)
+        return pipeline_summary(results, algorithm_stage(cfg).name, cfg.data.gold_name)
 
 
-def pipeline_summary(results: dict[str, dict], final: str) -> dict:
-    """The pipeline's summary.json from its stages' summaries (the final stage reports the evaluations)."""
+def pipeline_summary(results: dict[str, dict], final: str, gold_name: str | None = None) -> dict:
+    """The pipeline's summary.json from its stages' summaries (the final stage reports the evaluations).
+    With `gold_name` (data.gold_name, e.g. accuracy) the gold scores are also <gold_name>_sft/_final/_gain."""
     sft, rm, last = results.get("sft", {}), results.get("rm", {}), results[final]
     walls = {f"wall_s_{name if name != final else 'ppo'}": out["wall_s"] for name, out in results.items()}
     summary = {
@@ -151,4 +152,7 @@ def pipeline_summary(results: dict[str, dict], final: str) -> dict:
     }
     if summary["gold_score_sft"] is not None:
         summary["gold_score_gain"] = summary["gold_score_final"] - summary["gold_score_sft"]
+        if gold_name:
+            summary |= {f"{gold_name}_sft": summary["gold_score_sft"], f"{gold_name}_final": summary["gold_score_final"],
+                        f"{gold_name}_gain": summary["gold_score_gain"]}
     return summary

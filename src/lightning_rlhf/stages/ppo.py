@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from lightning_rlhf.config import RunConfig
@@ -19,17 +18,24 @@ from lightning_rlhf.evaluation import evaluate_policy
 from lightning_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
 from lightning_rlhf.models.lora import build_policy_and_ref
 from lightning_rlhf.models.reward import FunctionReward, RewardModel
+from lightning_rlhf.rewards.functions import build_reward_functions, resolve_callable
 from lightning_rlhf.algorithms.online import OnlineRLModule
 from lightning_rlhf.checkpointing import IterationSampler, PPOCheckpoint, checkpoint_dir, config_hash, publish
 from lightning_rlhf.stages.base import Stage
 from lightning_rlhf.stages.common import build_trainer, write_csv
+from lightning_rlhf.stages.sft import load_policy_tokenizer
 
 log = logging.getLogger("lightning_rlhf")
 
 
 def build_reward(cfg: RunConfig, policy_tokenizer, reward_path: str | None = None):
+    """reward.functions (weighted, checked), else reward.fn (type=function), else the learned reward model
+    (reward_path: the pipeline's, else reward.path)."""
+    if cfg.reward.functions:
+        return build_reward_functions(cfg.reward.functions, policy_tokenizer, cfg.reward.non_finite, reward_path,
+                                      cfg.reward.micro_batch_size)
     if cfg.reward.type == "function":
-        return FunctionReward(instantiate(cfg.reward.fn))
+        return FunctionReward(resolve_callable(cfg.reward.fn))
     path = reward_path or cfg.reward.path
     rm_tokenizer = load_tokenizer(cfg.reward.tokenizer or path, key="reward.tokenizer")
     model = load_sequence_classifier(path, rm_tokenizer)
@@ -37,19 +43,33 @@ def build_reward(cfg: RunConfig, policy_tokenizer, reward_path: str | None = Non
 
 
 def prompt_texts(cfg: RunConfig, split: str, n: int, tokenizer=None) -> list[str]:
-    """Prompts of `split` (train | heldout): n from the review world, or the rendered rows of
-    data.prompt_source() (held-out ones capped at n; long prompts reported, dropped under long_prompts=drop)."""
-    if cfg.data.source == "files":
-        from lightning_rlhf.data.files import load_prompts
+    """Prompts of `split` (train | heldout); see prompt_rows."""
+    return prompt_rows(cfg, split, n, tokenizer)[0]
 
-        texts = load_prompts(cfg.data, tokenizer)[0 if split == "train" else 1]
-        texts = texts if split == "train" else texts[:n]
+
+def prompt_rows(cfg: RunConfig, split: str, n: int, tokenizer=None) -> tuple[list[str], list[dict] | None]:
+    """(prompts, their rows' other fields or None) of `split` (train | heldout): n from an embedded
+    world (the arithmetic world's rows carry `answer`), or the rendered rows of data.prompt_source()
+    (held-out ones capped at n; long prompts reported, dropped under long_prompts=drop)."""
+    seed = cfg.data.seed + (0 if split == "train" else 1)
+    if cfg.data.source == "files":
+        from lightning_rlhf.data.files import load_prompt_rows
+
+        texts, columns = load_prompt_rows(cfg.data, tokenizer)[0 if split == "train" else 1]
+        if split != "train":
+            texts, columns = texts[:n], columns[:n]
         keep = fit_prompts(tokenizer, texts, cfg.data.max_prompt_len, cfg.data.long_prompts,
                            f"{cfg.data.prompt_source()[0]} ({split} prompts)")
-        return [texts[i] for i in keep]
+        return [texts[i] for i in keep], [columns[i] for i in keep]
+    if cfg.data.source == "arith":
+        from lightning_rlhf.data.arith import generate_problems
+
+        a = cfg.data.arith
+        rows = generate_problems(n, seed, split, a.max_operand, tuple(a.ops))
+        return [r["prompt"] for r in rows], [{"answer": r["answer"]} for r in rows]
     from lightning_rlhf.data.reviews import generate_prompts
 
-    return generate_prompts(n, seed=cfg.data.seed + (0 if split == "train" else 1), split=split)
+    return generate_prompts(n, seed=seed, split=split), None
 
 
 class EvalEvery(L.Callback):
@@ -58,8 +78,9 @@ class EvalEvery(L.Callback):
     the samples is logged every `samples_every` iterations (None: with each evaluation)."""
 
     def __init__(self, module: OnlineRLModule, eval_batch, gold_fn, every: int, folder: Path,
-                 samples_every: int | None = None, iterations: int = 0):
+                 samples_every: int | None = None, iterations: int = 0, eval_columns: list[dict] | None = None):
         self.module, self.eval_batch, self.gold_fn, self.every, self.folder = module, eval_batch, gold_fn, every, folder
+        self.eval_columns = eval_columns  # the held-out prompts' rows (reward functions, gold scorer)
         self.samples_every, self.iterations = samples_every, iterations
         self.history: list[dict] = []
         self.samples: dict[int, list[dict]] = {}
@@ -70,7 +91,7 @@ class EvalEvery(L.Callback):
 
         m = self.module
         metrics, samples = evaluate_policy(m.policy, m.ref_model, m.reward, m.tokenizer, *self.eval_batch,
-                                           m.cfg.generation, self.gold_fn)
+                                           m.cfg.generation, self.gold_fn, columns=self.eval_columns)
         self.history.append({"iteration": iteration, **metrics})
         self.samples[iteration] = samples
         write_csv(self.folder / "eval.csv", self.history)
@@ -115,28 +136,29 @@ def run_ppo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ppo = cfg.trainer.ppo
     model_cfg = cfg.model if policy_path is None else dataclasses.replace(cfg.model, name_or_path=policy_path, config=None)
-    tokenizer = load_tokenizer(policy_path or cfg.model.tokenizer or cfg.model.name_or_path)
+    tokenizer = load_policy_tokenizer(policy_path or cfg.model.tokenizer or cfg.model.name_or_path)
     lm = load_causal_lm(model_cfg, tokenizer, cfg.seed)
     # with LoRA: ref = the backbone, adapters off; a value head only for algorithms with a critic
     policy, ref = build_policy_and_ref(lm, cfg.model.lora, value_head=cfg.algorithm.critic)
     reward = build_reward(cfg, tokenizer, reward_path)
-    gold_fn = instantiate(cfg.data.gold) if cfg.data.gold else None
+    gold_fn = resolve_callable(cfg.data.gold) if cfg.data.gold else None
     module = OnlineRLModule(policy, ref, reward, tokenizer, cfg)
 
-    eval_batch = left_pad(encode_prompts(tokenizer, prompt_texts(cfg, "heldout", cfg.data.num_eval_prompts, tokenizer),
-                                         cfg.data.max_prompt_len), tokenizer.pad_token_id)
+    eval_texts, eval_columns = prompt_rows(cfg, "heldout", cfg.data.num_eval_prompts, tokenizer)
+    eval_batch = left_pad(encode_prompts(tokenizer, eval_texts, cfg.data.max_prompt_len), tokenizer.pad_token_id)
     samples_every = cfg.logger.samples_every if cfg.logger.name == "wandb" else None
-    evaluator = EvalEvery(module, eval_batch, gold_fn, cfg.trainer.eval_every, folder, samples_every, ppo.iterations)
+    evaluator = EvalEvery(module, eval_batch, gold_fn, cfg.trainer.eval_every, folder, samples_every, ppo.iterations,
+                          eval_columns)
     sampler = IterationSampler(ppo.iterations)  # moved to the saved iteration on resume
     ckpt = cfg.checkpoint
     checkpointer = PPOCheckpoint(checkpoint_dir(cfg, folder), ckpt.every if ckpt.enabled else 0, ckpt.keep_last,
                                  ppo.iterations, sampler, config_hash(cfg), save_final=ckpt.enabled)
     trainer = build_trainer(cfg, folder, "ppo", max_epochs=1, callbacks=[evaluator, checkpointer])
     evaluator.loggers = trainer.loggers
-    prompts = encode_prompts(tokenizer, prompt_texts(cfg, "train", cfg.data.num_prompts, tokenizer),
-                             cfg.data.max_prompt_len)
+    train_texts, train_columns = prompt_rows(cfg, "train", cfg.data.num_prompts, tokenizer)
+    prompts = encode_prompts(tokenizer, train_texts, cfg.data.max_prompt_len)
     dataset = PromptBatches(prompts, ppo.rollout_batch_size, ppo.iterations, tokenizer.pad_token_id, cfg.seed,
-                            trainer.global_rank, trainer.world_size)
+                            trainer.global_rank, trainer.world_size, train_columns)
     module.prompt_source = dataset  # dynamic sampling (algorithm.zero_std=filter) draws more prompts from it
     loader = DataLoader(dataset, batch_size=None, sampler=sampler)
 
@@ -174,7 +196,7 @@ class OnlineRLStage(Stage):
                     "wall_s")
 
     def needs(self, cfg):
-        return ("sft", "rm") if cfg.reward.type == "model" else ("sft",)
+        return ("sft", "rm") if cfg.reward.needs_reward_model() else ("sft",)
 
     def run(self, cfg, folder, policy_path=None, reward_path=None, **inputs):
         from lightning_rlhf.checkpointing import find_resume_checkpoint, remember_run
@@ -188,5 +210,5 @@ class OnlineRLStage(Stage):
         result = run_ppo(cfg, folder, policy_path=policy_path, reward_path=reward_path, ckpt_path=ckpt_path)
         samples = result.pop("samples")
         (folder / "samples.md").write_text(samples_table(samples["initial"], samples["final"]))
-        plot_curves(folder / "metrics.csv", folder / "eval.csv", folder / "plots")
+        plot_curves(folder / "metrics.csv", folder / "eval.csv", folder / "plots", cfg.data.gold_name)
         return result | {"algorithm": cfg.algorithm.name}

@@ -86,8 +86,18 @@ class SFTModule(L.LightningModule):
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
 
+def load_policy_tokenizer(name: str | None):
+    """The policy's tokenizer: "arith" builds the arithmetic world's in code, anything else goes to
+    models.loading.load_tokenizer (a folder, a hub id or "reviews")."""
+    if name == "arith":
+        from lightning_rlhf.data.arith import build_tokenizer
+
+        return build_tokenizer()  # left padding, its own pad token: what load_tokenizer would make of it
+    return load_tokenizer(name)
+
+
 def demonstrations(cfg: RunConfig, split: str, n: int, tokenizer=None) -> list[tuple[str, str]]:
-    """(prompt, completion) texts of `split` (train | heldout): n from the review world, or data.sft's rows
+    """(prompt, completion) texts of `split` (train | heldout): n from an embedded world, or data.sft's rows
     (long prompts dropped under data.long_prompts=drop, and reported)."""
     if cfg.data.source == "files":
         from lightning_rlhf.data.files import load_demonstrations
@@ -96,9 +106,15 @@ def demonstrations(cfg: RunConfig, split: str, n: int, tokenizer=None) -> list[t
         keep = fit_prompts(tokenizer, [p for p, _ in pairs], cfg.data.max_prompt_len, cfg.data.long_prompts,
                            f"data.sft ({split})")
         return [pairs[i] for i in keep]
+    seed = cfg.data.seed + (0 if split == "train" else 1)
+    if cfg.data.source == "arith":
+        from lightning_rlhf.data.arith import generate_examples as arith_examples
+
+        a = cfg.data.arith
+        return arith_examples(n, seed, split, a.max_operand, tuple(a.ops), a.error_rate)
     from lightning_rlhf.data.reviews import generate_examples
 
-    return generate_examples(n, seed=cfg.data.seed + (0 if split == "train" else 1), split=split)
+    return generate_examples(n, seed=seed, split=split)
 
 
 def run_sft(cfg: RunConfig, folder: Path) -> dict:
@@ -106,7 +122,7 @@ def run_sft(cfg: RunConfig, folder: Path) -> dict:
     t0 = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     sft = cfg.trainer.sft
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    tokenizer = load_policy_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     collate = lambda rows: collate_demonstrations(rows, tokenizer.pad_token_id)  # noqa: E731
     encode = lambda pairs: encode_demonstrations(tokenizer, pairs, sft.max_len, cfg.data.max_prompt_len)  # noqa: E731
     train_rows = encode(demonstrations(cfg, "train", cfg.data.num_sft_examples, tokenizer))
