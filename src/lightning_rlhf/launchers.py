@@ -40,7 +40,6 @@ from lightning_rlhf.config import ConfigError
 log = logging.getLogger("lightning_rlhf")
 
 FAILED_EXIT_CODE = 1  # a multirun in which a job failed (a config error before any job ran: 2)
-CALLBACK_OVERRIDE = f"++hydra.callbacks.failed_jobs._target_={__name__}.FailedJobs"
 PLUGIN = "hydra_plugins.lightning_rlhf_launchers"  # Hydra takes launcher classes from hydra_plugins only
 
 

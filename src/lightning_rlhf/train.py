@@ -170,9 +170,7 @@ def run_job(cfg: DictConfig) -> Optional[float]:
 
 def main() -> None:
     """`rlhf-train`: Hydra's command line. Every multirun ends with launchers.FailedJobs (exit 1 and the
-    list of failed jobs when one failed); it is added to Hydra's overrides here, the entry point."""
-    if launchers.CALLBACK_OVERRIDE not in sys.argv:
-        sys.argv.append(launchers.CALLBACK_OVERRIDE)
+    list of failed jobs when one failed), a callback of conf/train.yaml."""
     run_job()
 
 
