@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 
+from lightning_rlhf.algorithms.base import FROZEN_PREFIXES, FrozenModelsOutOfCheckpoints  # noqa: F401 (module.py)
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.experience import Experience
 from lightning_rlhf.kl_control import make_kl_controller
@@ -36,7 +37,6 @@ from lightning_rlhf.strategies import (micro_batch_context, make_optimizer, prep
                                        rollout_context, set_gradient_clipping)
 from lightning_rlhf.update import minibatch_indices, online_loss
 
-FROZEN_PREFIXES = ("ref_model.", "reward.")  # inference-only models: never checkpointed or optimised
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class OnlineAlgorithm:
                    fused)
 
 
-class OnlineRLModule(L.LightningModule):
+class OnlineRLModule(FrozenModelsOutOfCheckpoints, L.LightningModule):
     def __init__(self, policy, ref_model, reward, tokenizer, cfg: RunConfig, prompt_source=None):
         """`prompt_source`: what `zero_std=filter` draws more prompts from (data.prompts.PromptBatches)."""
         super().__init__()
@@ -244,17 +244,6 @@ class OnlineRLModule(L.LightningModule):
         return out
 
     # ---- checkpoints: the frozen models are rebuilt from their folders, never saved ------------
-    def state_dict(self, *args, **kwargs):
-        state = super().state_dict(*args, **kwargs)
-        return {k: v for k, v in state.items() if not k.startswith(FROZEN_PREFIXES)}
-
-    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
-        missing, unexpected = super().load_state_dict(state_dict, strict=False, **kwargs)
-        missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        return missing, unexpected
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
 

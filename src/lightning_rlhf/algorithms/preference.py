@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
+from lightning_rlhf.algorithms.base import FrozenModelsOutOfCheckpoints
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.data.prompts import left_pad
 from lightning_rlhf.losses import dpo_loss, logprobs_from_logits
@@ -27,7 +28,6 @@ from lightning_rlhf.models.policy import ref_logits
 from lightning_rlhf.strategies import (make_optimizer, micro_batch_context, prepare_frozen, rollout_context,
                                        set_gradient_clipping)
 
-FROZEN_PREFIXES = ("ref_model.", "reward.")
 
 # a pair: (prompt ids, chosen response ids, rejected response ids); responses end with their EOS
 Pair = tuple[list[int], list[int], list[int]]
@@ -88,7 +88,7 @@ class PairBatches(Dataset):
         return self._permutation(epoch)[start: start + self.batch_size]
 
 
-class DPOModule(L.LightningModule):
+class DPOModule(FrozenModelsOutOfCheckpoints, L.LightningModule):
     """`policy`: a PolicyWithValueHead without a value head; `ref_model`: the frozen reference (a causal
     LM, or the LoRA backbone with its adapters off); `reward`: the learned reward model, only for the
     held-out evaluations (proxy reward); `pairs`: the training pairs."""
@@ -204,17 +204,6 @@ class DPOModule(L.LightningModule):
         self.publish(stats | {"perf/step_s": torch.tensor(time.perf_counter() - t0)})
 
     # ---- checkpoints: the reference log-probs travel with the policy ----------------------------
-    def state_dict(self, *args, **kwargs):
-        state = super().state_dict(*args, **kwargs)
-        return {k: v for k, v in state.items() if not k.startswith(FROZEN_PREFIXES)}
-
-    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
-        missing, unexpected = super().load_state_dict(state_dict, strict=False, **kwargs)
-        missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        return missing, unexpected
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["dpo_ref_logps"] = self.ref_logps.detach().cpu()
 

@@ -24,8 +24,8 @@ from lightning_rlhf.config import RunConfig
 from lightning_rlhf.data.prompts import PromptBatches, encode_prompts, fit_prompts, left_pad
 from lightning_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lightning_rlhf.models.lora import build_policy_and_ref
-from lightning_rlhf.stages.base import Stage
 from lightning_rlhf.stages.common import build_trainer
+from lightning_rlhf.stages.ppo import EvalEvery, OnlineRLStage, build_reward, prompt_texts, save_policy
 
 log = logging.getLogger("lightning_rlhf")
 
@@ -71,8 +71,6 @@ def load_policy(cfg: RunConfig, policy_path: str | None):
 def fit_and_evaluate(cfg: RunConfig, folder: Path, module, make_dataset, ckpt_path: Path | None, t0: float) -> dict:
     """Held-out evaluations before, every trainer.eval_every steps and after; checkpoints; the fit over
     `make_dataset(trainer)` (item i: the batch of step i); the policy saved. -> the stage's summary."""
-    from lightning_rlhf.stages.ppo import EvalEvery, prompt_texts, save_policy
-
     tokenizer, ckpt = module.tokenizer, cfg.checkpoint
     gold_fn = instantiate(cfg.data.gold) if cfg.data.gold else None
     eval_batch = left_pad(encode_prompts(tokenizer, prompt_texts(cfg, "heldout", cfg.data.num_eval_prompts, tokenizer),
@@ -114,8 +112,6 @@ def fit_and_evaluate(cfg: RunConfig, folder: Path, module, make_dataset, ckpt_pa
 def run_dpo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward_path: str | None = None,
             ckpt_path: Path | None = None) -> dict:
     """Fit DPO in `folder` (checkpoints in checkpoint.dir); from `ckpt_path` when given (resume)."""
-    from lightning_rlhf.stages.ppo import build_reward
-
     t0 = time.perf_counter()
     tokenizer, model_cfg = load_policy(cfg, policy_path)
     pairs = file_pairs(cfg, tokenizer) if cfg.data.source == "files" else None  # data errors before the model
@@ -134,8 +130,6 @@ def run_dpo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward
 def run_online_dpo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward_path: str | None = None,
                    ckpt_path: Path | None = None) -> dict:
     """Fit online DPO: trainer.ppo.iterations rollouts of trainer.ppo.rollout_batch_size prompts x 2."""
-    from lightning_rlhf.stages.ppo import build_reward, prompt_texts
-
     t0 = time.perf_counter()
     tokenizer, model_cfg = load_policy(cfg, policy_path)
     lm = load_causal_lm(model_cfg, tokenizer, cfg.seed)
@@ -149,31 +143,14 @@ def run_online_dpo(cfg: RunConfig, folder: Path, policy_path: str | None = None,
     return fit_and_evaluate(cfg, folder, module, make, ckpt_path, t0)
 
 
-class DPOStage(Stage):
+class DPOStage(OnlineRLStage):
     """`algorithm=dpo`: after SFT and the reward-model stage (whose pairs it trains on, and whose model
-    gives the proxy reward of the evaluations). `algorithm=online_dpo`: `fit=run_online_dpo`, the
-    reward model choosing between two fresh samples each iteration."""
+    gives the proxy reward of the evaluations); checkpoints, resume=auto, plots and samples as the
+    online stage. `algorithm=online_dpo` (`fit: online`): the reward model chooses between two fresh
+    samples each iteration."""
 
-    name, module = "dpo", "lightning_rlhf.stages.dpo"
+    module = "lightning_rlhf.stages.dpo"
 
     def __init__(self, fit: str = "offline"):
         self.fit = run_online_dpo if fit == "online" else run_dpo
         self.name = "online_dpo" if fit == "online" else "dpo"
-    summary_keys = ("proxy_reward_initial", "proxy_reward_final", "kl_final", "gold_score_initial", "gold_score_final",
-                    "wall_s")
-
-    def needs(self, cfg):
-        return ("sft", "rm") if cfg.reward.type == "model" else ("sft",)
-
-    def run(self, cfg, folder, policy_path=None, reward_path=None, **inputs):
-        from lightning_rlhf.checkpointing import find_resume_checkpoint, remember_run
-        from lightning_rlhf.report import plot_curves, samples_table
-
-        ckpt_path = find_resume_checkpoint(cfg)
-        if cfg.checkpoint.enabled:
-            remember_run(cfg, checkpoint_dir(cfg, folder))
-        result = self.fit(cfg, folder, policy_path=policy_path, reward_path=reward_path, ckpt_path=ckpt_path)
-        samples = result.pop("samples")
-        (folder / "samples.md").write_text(samples_table(samples["initial"], samples["final"]))
-        plot_curves(folder / "metrics.csv", folder / "eval.csv", folder / "plots")
-        return result | {"algorithm": cfg.algorithm.name}

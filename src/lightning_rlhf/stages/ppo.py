@@ -194,6 +194,7 @@ class OnlineRLStage(Stage):
     name, module = "ppo", "lightning_rlhf.stages.ppo"
     summary_keys = ("proxy_reward_initial", "proxy_reward_final", "kl_final", "gold_score_initial", "gold_score_final",
                     "wall_s")
+    fit = staticmethod(run_ppo)  # (cfg, folder, policy_path, reward_path, ckpt_path) -> summary with "samples"
 
     def needs(self, cfg):
         return ("sft", "rm") if cfg.reward.needs_reward_model() else ("sft",)
@@ -207,7 +208,7 @@ class OnlineRLStage(Stage):
             log.info("resume=auto: no checkpoint of this run yet, starting from the beginning")
         if cfg.checkpoint.enabled:
             remember_run(cfg, checkpoint_dir(cfg, folder))
-        result = run_ppo(cfg, folder, policy_path=policy_path, reward_path=reward_path, ckpt_path=ckpt_path)
+        result = self.fit(cfg, folder, policy_path=policy_path, reward_path=reward_path, ckpt_path=ckpt_path)
         samples = result.pop("samples")
         (folder / "samples.md").write_text(samples_table(samples["initial"], samples["final"]))
         plot_curves(folder / "metrics.csv", folder / "eval.csv", folder / "plots", cfg.data.gold_name)
