@@ -28,23 +28,9 @@ from lightning_rlhf.advantages import (
 )
 from lightning_rlhf.losses import AGG_MODES, aggregate_loss, aggregation_count, kl_penalty, policy_loss, value_loss
 
-DT = torch.float64
-GARBAGE = [1e30, float("inf"), float("-inf"), float("nan"), -1e30]
+from tests.unit.test_losses import DT, GARBAGE, T_MAX, prefix_mask, with_garbage  # noqa: E402, F401
+
 LENGTHS = [5, 1, 0, 3, 7, 2]  # a length-1 row, an empty row, a full row
-T_MAX = 7
-
-
-def prefix_mask(lengths: list[int], T: int) -> torch.Tensor:
-    return torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-
-
-def with_garbage(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Copy of x whose masked-out positions cycle through huge values, +inf, -inf and nan."""
-    out = x.clone()
-    cycle = itertools.cycle(GARBAGE)
-    for b, t in zip(*torch.nonzero(~mask.bool(), as_tuple=True)):
-        out[b, t] = next(cycle)
-    return out
 
 
 def randn(*shape, seed: int) -> torch.Tensor:

@@ -13,14 +13,7 @@ PACKAGE = Path(cache.__file__).resolve().parents[1]
 
 
 def closure(module: str) -> set[str]:
-    start = PACKAGE / Path(*module.split(".")[1:]).with_suffix(".py")
-    seen, todo = set(), [start]
-    while todo:
-        path = todo.pop()
-        if path not in seen:
-            seen.add(path)
-            todo.extend(cache._imports(path, PACKAGE) - seen)
-    return {p.relative_to(PACKAGE).as_posix() for p in seen}
+    return {p.relative_to(PACKAGE).as_posix() for p in cache.source_closure(module)}
 
 
 def test_the_sft_stage_fingerprints_what_it_imports_and_nothing_of_the_rl_stage():

@@ -62,9 +62,8 @@ def _imports(path: Path, package_root: Path) -> set[Path]:
     return files
 
 
-@functools.lru_cache(maxsize=None)
-def code_fingerprint(module: str = "lightning_rlhf.stages.sft") -> str:
-    """Hash of the package's source files that `module` runs: its import closure within the package."""
+def source_closure(module: str) -> list[Path]:
+    """The package's source files that `module` runs (its import closure within the package), sorted."""
     root = Path(__file__).resolve().parents[1]
     start = root / Path(*module.split(".")[1:]).with_suffix(".py")
     seen, todo = set(), [start]
@@ -73,8 +72,15 @@ def code_fingerprint(module: str = "lightning_rlhf.stages.sft") -> str:
         if path not in seen:
             seen.add(path)
             todo.extend(_imports(path, root) - seen)
+    return sorted(seen)
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(module: str = "lightning_rlhf.stages.sft") -> str:
+    """Hash of the package's source files that `module` runs: its import closure within the package."""
+    root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for path in sorted(seen):
+    for path in source_closure(module):
         h.update(path.relative_to(root).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
