@@ -59,14 +59,26 @@ def plot_curves(metrics_csv: Path, eval_csv: Path, out_dir: Path, gold_name: Opt
             plt.close(fig)
             continue
         ax.set(title=title, xlabel="PPO iteration")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish(fig, ax, out_dir / f"{name}.png"))
     return written
+
+
+def _finish(fig, ax, out: Path) -> Path:
+    """Grid and legend on `ax`, then `_save`."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def _save(fig, out: Path) -> Path:
+    """The figure written to `out` (its folder made) and closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
 
 
 def _cell(text: str) -> str:
@@ -255,8 +267,7 @@ def plot_frontier(rows: list[dict], out: Path) -> Optional[Path]:
                         label="mean over seeds")
         if len(pts) <= 12 and not categorical:
             for r, x, y in zip(pts, xs, ys):
-                ax.annotate(",".join(f"{k.split('.')[-1]}={v}" for k, v in r["setting"].items()), (x, y),
-                            fontsize=6, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(_setting_label(r["setting"]), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         refs = [r[k][0] for r in rows for k in ref_key if r.get(k, (0, 0, 0))[2]]
         if refs:
             ax.axhline(sum(refs) / len(refs), ls="--", color="gray", lw=1, label="initial (SFT) policy, KL 0")
@@ -270,11 +281,7 @@ def plot_frontier(rows: list[dict], out: Path) -> Optional[Path]:
         ax.set(title=title, xlabel="KL(policy || reference) at the end, per sequence", ylabel=y_key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def completions_per_iteration(job_dir: Path) -> Optional[int]:
@@ -321,13 +328,7 @@ def plot_over_completions(jobs: list[dict], swept: list[str], out: Path, key: st
         ax.plot(xs, means, "o-", ms=3, label=f"{name} (n={max(n for _, _, n in stats)})")
         ax.fill_between(xs, [m - sd for m, sd in zip(means, stds)], [m + sd for m, sd in zip(means, stds)], alpha=0.15)
     ax.set(xlabel="completions sampled", ylabel=label or key, title=f"{label or key}: mean ± std over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _finish(fig, ax, out)
 
 
 def report_sweep(sweep_dir: Path, out_dir: Path) -> str:

@@ -79,14 +79,25 @@ def reference_logprobs(ref, seqs: Sequences, response_ids, temperature: float, m
     return torch.cat(outs)
 
 
+def informative_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """True for each group whose samples did not all get the same score. scores (B,) in groups of
+    consecutive rows -> (B / group_size,) bool."""
+    groups = scores.view(-1, group_size)
+    return groups.amax(1) > groups.amin(1)
+
+
 def group_stats(scores: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
     """rollout/group_reward_std (mean over groups of the scores' std) and rollout/zero_std_frac (share of
     groups whose samples all got the same score). scores (B,) in groups of consecutive rows."""
     if group_size < 2:
         return {}
-    groups = scores.view(-1, group_size)
-    return {"rollout/group_reward_std": groups.std(dim=1).mean(),
-            "rollout/zero_std_frac": (groups.amax(1) == groups.amin(1)).float().mean()}
+    return {"rollout/group_reward_std": scores.view(-1, group_size).std(dim=1).mean(),
+            "rollout/zero_std_frac": (~informative_groups(scores, group_size)).float().mean()}
+
+
+def rlhf_reward(exp: Experience, kl_coef: float) -> torch.Tensor:
+    """objective/rlhf_reward: the mean over rows of score - kl_coef * the sequence's KL estimate."""
+    return (exp.scores - kl_coef * (exp.kl * exp.response_mask).sum(1)).mean()
 
 
 @torch.no_grad()
@@ -192,5 +203,5 @@ def make_experience(
                                  loss.kl_estimator, micro_batch_size, all_reduce=all_reduce)
     gae = functools.partial(gae_advantages, gamma=loss.gamma, lam=loss.lam, whiten=loss.whiten_advantages)
     exp = assign_advantages(exp, gae, kl_coef, all_reduce=all_reduce)
-    stats["objective/rlhf_reward"] = (exp.scores - kl_coef * (exp.kl * exp.response_mask).sum(1)).mean()
+    stats["objective/rlhf_reward"] = rlhf_reward(exp, kl_coef)
     return exp, stats

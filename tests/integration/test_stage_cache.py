@@ -4,6 +4,7 @@ cache.enabled=false never touches the cache."""
 
 from __future__ import annotations
 
+from lightning_rlhf.stages.base import RewardModelStage, SFTStage
 from lightning_rlhf.stages.cache import entry_dir, stage_key
 from lightning_rlhf.train import train
 from tests.conftest import tiny_run_config
@@ -22,10 +23,10 @@ def test_same_inputs_reuse_sft_and_rm_and_reproduce_the_result(tmp_path):
     first = train(_cfg(tmp_path, "a"))
     assert first["stages_reused"] == []
     cfg = _cfg(tmp_path, "b", loss={"kl_coef": 0.5})  # PPO-only change: same SFT and reward model
-    assert stage_key(cfg, "sft") == stage_key(_cfg(tmp_path, "a"), "sft")
+    assert stage_key(cfg, SFTStage()) == stage_key(_cfg(tmp_path, "a"), SFTStage())
     second = train(cfg)
     assert second["stages_reused"] == ["sft", "rm"]
-    sft_entry = entry_dir(cfg, "sft", stage_key(cfg, "sft"))
+    sft_entry = entry_dir(cfg, "sft", stage_key(cfg, SFTStage()))
     assert (tmp_path / "b" / "sft").resolve() == sft_entry.resolve()
     assert second["reward_model"].startswith(str(tmp_path / "cache"))
     assert second["rm_accuracy"] == first["rm_accuracy"] and second["sft_val_loss"] == first["sft_val_loss"]
@@ -45,11 +46,12 @@ def test_a_changed_input_or_a_disabled_cache_trains_again(tmp_path):
     entries = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "stages").iterdir())
     assert entries == ["rm", "rm", "sft", "sft"]
     base = _cfg(tmp_path, "x")
-    for stage in ("sft", "rm"):  # the seed changes both stages; PPO and logging settings change neither
+    sft, rm = SFTStage(), RewardModelStage()
+    for stage in (sft, rm):  # the seed changes both stages; PPO and logging settings change neither
         assert stage_key(_cfg(tmp_path, "x", seed=1), stage) != stage_key(base, stage)
         assert stage_key(_cfg(tmp_path, "y", loss={"kl_coef": 0.9}, logger={"name": "csv"}), stage) == \
             stage_key(base, stage)
-    assert stage_key(_cfg(tmp_path, "x", generation={"temperature": 0.7}), "rm") != stage_key(base, "rm")
-    assert stage_key(_cfg(tmp_path, "x", generation={"temperature": 0.7}), "sft") == stage_key(base, "sft")
+    assert stage_key(_cfg(tmp_path, "x", generation={"temperature": 0.7}), rm) != stage_key(base, rm)
+    assert stage_key(_cfg(tmp_path, "x", generation={"temperature": 0.7}), sft) == stage_key(base, sft)
     off = train(_cfg(tmp_path, "d", cache={"dir": str(tmp_path / "other"), "enabled": False}))
     assert off["stages_reused"] == [] and not (tmp_path / "other").exists()

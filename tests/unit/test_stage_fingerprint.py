@@ -29,9 +29,9 @@ def test_the_algorithm_does_not_change_the_sft_or_reward_model_key():
     grpo = {"critic": False, "group_size": 2, "advantage": {
         "_target_": "lightning_rlhf.advantages.group_relative_advantages", "_partial_": True}}
     ppo_cfg, grpo_cfg = tiny_run_config(stage="pipeline"), tiny_run_config(stage="pipeline", algorithm=grpo)
-    for stage in ("sft", "rm"):
+    for stage in (SFTStage(), RewardModelStage()):
         assert cache.stage_key(ppo_cfg, stage) == cache.stage_key(grpo_cfg, stage)
-    assert cache.stage_key(ppo_cfg, "sft", parent=None) != cache.stage_key(ppo_cfg, "rm", parent=None)
+    assert cache.stage_key(ppo_cfg, SFTStage()) != cache.stage_key(ppo_cfg, RewardModelStage())
 
 
 def test_the_pipeline_chains_what_the_algorithm_stage_needs():

@@ -12,7 +12,7 @@ prompt batch with its own sampling seed; whitening, score normalisation, the KL 
 stopping use global statistics; a micro-batch's loss is weighted by its share of the *global*
 minibatch's aggregation unit (valid tokens for token-mean, sequences for the seq-mean modes), so an
 update equals the single-process update on the same global batch. The reference and reward models
-are plain attributes, not submodules: no strategy wraps, checkpoints or optimises them.
+are frozen attributes (algorithms/base.py).
 """
 
 from __future__ import annotations
@@ -21,22 +21,19 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import lightning as L
 import torch
 from hydra.utils import instantiate
 
-from lightning_rlhf.algorithms.base import FROZEN_PREFIXES, FrozenModelsOutOfCheckpoints  # noqa: F401 (module.py)
+from lightning_rlhf.algorithms.base import FROZEN_PREFIXES, AlgorithmModule  # noqa: F401 (module.py)
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.experience import Experience
 from lightning_rlhf.kl_control import make_kl_controller
 from lightning_rlhf.losses import aggregation_count, explained_variance, policy_loss
-from lightning_rlhf.metrics import publish_metrics
 from lightning_rlhf.models.reward import ScoreProcessor
-from lightning_rlhf.rollout import assign_advantages, collect_rollout, group_stats
-from lightning_rlhf.strategies import (micro_batch_context, make_optimizer, prepare_frozen, rank_seed,
-                                       rollout_context, set_gradient_clipping)
+from lightning_rlhf.rollout import assign_advantages, collect_rollout, informative_groups, rlhf_reward
+from lightning_rlhf.strategies import (micro_batch_context, make_optimizer, rank_seed, rollout_context,
+                                       set_gradient_clipping)
 from lightning_rlhf.update import minibatch_indices, online_loss
-
 
 
 @dataclass(frozen=True)
@@ -69,18 +66,13 @@ class OnlineAlgorithm:
                    fused)
 
 
-class OnlineRLModule(FrozenModelsOutOfCheckpoints, L.LightningModule):
+class OnlineRLModule(AlgorithmModule):
     def __init__(self, policy, ref_model, reward, tokenizer, cfg: RunConfig, prompt_source=None):
         """`prompt_source`: what `zero_std=filter` draws more prompts from (data.prompts.PromptBatches)."""
-        super().__init__()
-        self.automatic_optimization = False
-        self.policy, self.tokenizer, self.cfg = policy, tokenizer, cfg
+        super().__init__(policy, ref_model, reward, tokenizer, cfg)
         self.algo = OnlineAlgorithm.from_config(cfg)
         if self.algo.critic and policy.value_head is None:
             raise ValueError(f"algorithm {self.algo.name} has a critic: the policy needs a value head")
-        # inference-only: kept out of the module tree (see the module docstring)
-        self.__dict__["ref_model"] = ref_model.requires_grad_(False).eval()
-        self.__dict__["reward"] = reward.requires_grad_(False).eval()
         self.prompt_source = prompt_source
         self.score_processor = ScoreProcessor(cfg.reward.clip, cfg.reward.normalize, cfg.reward.missing_eos_penalty)
         self.kl_ctl = make_kl_controller(cfg.loss.kl_coef, cfg.loss.kl_target, cfg.loss.kl_horizon)
@@ -99,19 +91,8 @@ class OnlineRLModule(FrozenModelsOutOfCheckpoints, L.LightningModule):
     def on_fit_start(self) -> None:
         if self.trainer.world_size > 1:  # every rank starts from the same seed: give each its own samples
             torch.manual_seed(rank_seed(self.cfg.seed, self.trainer.global_rank))
-        self.__dict__["ref_model"] = prepare_frozen(self.trainer, self.ref_model)
-        self.__dict__["reward"] = prepare_frozen(self.trainer, self.reward)
+        super().on_fit_start()
         self.score_processor.double()  # running moments stay float64 when DeepSpeed casts the module to bf16
-
-    def on_fit_end(self) -> None:
-        device = next(self.policy.parameters()).device  # Lightning moves the module to CPU after fit
-        self.ref_model.to(device), self.reward.to(device)
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        return self.trainer.strategy.reduce(t.clone(), reduce_op="sum")  # the reduce works in place
-
-    def _all_reduce(self):
-        return self.all_reduce_sum if self.trainer.world_size > 1 else None
 
     @property
     def kl_coef(self) -> float:
@@ -136,7 +117,7 @@ class OnlineRLModule(FrozenModelsOutOfCheckpoints, L.LightningModule):
                 stats |= more
         reward_kl_coef = self.kl_coef if self.algo.kl_placement == "reward" else 0.0
         exp = assign_advantages(exp, self.algo.estimator, reward_kl_coef, self.algo.group_size, self._all_reduce())
-        stats["objective/rlhf_reward"] = (exp.scores - self.kl_coef * (exp.kl * exp.response_mask).sum(1)).mean()
+        stats["objective/rlhf_reward"] = rlhf_reward(exp, self.kl_coef)
         t1 = time.perf_counter()
         self.policy.train()
         stats.update(self.ppo_update(exp))
@@ -151,8 +132,7 @@ class OnlineRLModule(FrozenModelsOutOfCheckpoints, L.LightningModule):
             "perf/tokens_per_s": self._global_sum(exp.response_mask.sum().float()) / (t2 - t0),
             "perf/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
         }
-        metrics = self._global_mean_dict(stats)  # what sync_dist=True would log, in one all-reduce
-        publish_metrics(self.trainer, metrics, prog_bar={"score": "objective/score", "kl": "objective/kl"})
+        self.publish(stats, prog_bar={"score": "objective/score", "kl": "objective/kl"})
 
     def resample_zero_std_groups(self, exp: Experience, iteration: int) -> tuple[Experience, dict]:
         """DAPO's dynamic sampling: drop the groups whose scores are all equal and roll out new prompts
@@ -163,8 +143,7 @@ class OnlineRLModule(FrozenModelsOutOfCheckpoints, L.LightningModule):
         kept, dropped, rounds = [], [], 0
         while True:
             rounds += 1
-            informative = (lambda g: g.amax(1) > g.amin(1))(exp.scores.view(-1, G))
-            rows = informative.repeat_interleave(G)
+            rows = informative_groups(exp.scores, G).repeat_interleave(G)
             kept.append(exp.select(rows.nonzero().squeeze(1)))
             dropped.append(exp.select((~rows).nonzero().squeeze(1)))
             short = max(0, n_groups - sum(len(k) for k in kept) // G)
@@ -180,20 +159,8 @@ class OnlineRLModule(FrozenModelsOutOfCheckpoints, L.LightningModule):
         out = out.with_(group_index=torch.arange(n_groups, device=self.device).repeat_interleave(G))
         stats = {"rollout/sampling_rounds": torch.tensor(float(rounds)),
                  "rollout/filled_zero_std_frac": torch.tensor(max(0, n_groups - filled) / n_groups)}
-        stats |= {f"{k}_kept": v for k, v in group_stats(out.scores, G).items() if k == "rollout/zero_std_frac"}
+        stats["rollout/zero_std_frac_kept"] = (~informative_groups(out.scores, G)).float().mean()
         return out, stats
-
-    def _global_mean_dict(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Scalar tensors -> their means over ranks as floats: one all-reduce and one host sync in all."""
-        # some stats are host scalars (timings, the KL coefficient): all go to the module's device first
-        values = torch.stack([v.detach().to(self.device, torch.float32).reshape(()) for v in stats.values()])
-        return dict(zip(stats, self._global_mean(values).tolist()))
-
-    def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
-        return self.all_reduce_sum(x.detach()) if self.trainer.world_size > 1 else x
-
-    def _global_mean(self, x: torch.Tensor) -> torch.Tensor:
-        return self._global_sum(x) / self.trainer.world_size
 
     def ppo_update(self, exp: Experience) -> dict[str, torch.Tensor]:
         """`epochs` passes over shuffled minibatches; micro-batches weighted by their aggregation share.
@@ -243,7 +210,7 @@ class OnlineRLModule(FrozenModelsOutOfCheckpoints, L.LightningModule):
             out["critic/explained_var"] = explained_variance(exp.old_values, exp.returns, exp.response_mask)
         return out
 
-    # ---- checkpoints: the frozen models are rebuilt from their folders, never saved ------------
+    # ---- checkpoints (the frozen models never: algorithms/base.py) ---------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
 

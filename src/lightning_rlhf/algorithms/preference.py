@@ -15,22 +15,22 @@ from __future__ import annotations
 import functools
 import time
 
-import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from lightning_rlhf.algorithms.base import FrozenModelsOutOfCheckpoints
+from lightning_rlhf.algorithms.base import AlgorithmModule
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.data.prompts import left_pad
 from lightning_rlhf.losses import dpo_loss, logprobs_from_logits
-from lightning_rlhf.metrics import publish_metrics
 from lightning_rlhf.models.policy import ref_logits
-from lightning_rlhf.strategies import (make_optimizer, micro_batch_context, prepare_frozen, rollout_context,
-                                       set_gradient_clipping)
+from lightning_rlhf.models.reward import ScoreProcessor
+from lightning_rlhf.rollout import collect_rollout
+from lightning_rlhf.strategies import make_optimizer, micro_batch_context, rollout_context, set_gradient_clipping
 
 
 # a pair: (prompt ids, chosen response ids, rejected response ids); responses end with their EOS
 Pair = tuple[list[int], list[int], list[int]]
+PROGRESS = {"loss": "loss/dpo", "acc": "rewards/accuracies"}  # the progress bar's metrics
 
 
 def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
@@ -88,21 +88,17 @@ class PairBatches(Dataset):
         return self._permutation(epoch)[start: start + self.batch_size]
 
 
-class DPOModule(FrozenModelsOutOfCheckpoints, L.LightningModule):
+class DPOModule(AlgorithmModule):
     """`policy`: a PolicyWithValueHead without a value head; `ref_model`: the frozen reference (a causal
     LM, or the LoRA backbone with its adapters off); `reward`: the learned reward model, only for the
     held-out evaluations (proxy reward); `pairs`: the training pairs."""
 
     def __init__(self, policy, ref_model, reward, tokenizer, cfg: RunConfig, pairs: list[Pair]):
-        super().__init__()
-        self.automatic_optimization = False
-        self.policy, self.tokenizer, self.cfg, self.pairs = policy, tokenizer, cfg, pairs
-        self.__dict__["ref_model"] = ref_model.requires_grad_(False).eval()
-        self.__dict__["reward"] = reward.requires_grad_(False).eval() if reward is not None else None
+        super().__init__(policy, ref_model, reward, tokenizer, cfg)
+        self.pairs = pairs
         # (N, 2): the reference's summed log-probs of each pair's chosen and rejected response
         self.register_buffer("ref_logps", torch.zeros(len(pairs), 2), persistent=False)
         self.ref_ready = False
-        self.kl_ctl = None  # the evaluations' interface (the online family has a KL controller)
 
     # ---- the reference, once -------------------------------------------------------------------
     @torch.no_grad()
@@ -133,23 +129,10 @@ class DPOModule(FrozenModelsOutOfCheckpoints, L.LightningModule):
         return make_optimizer(self.trainer, [p for p in self.policy.parameters() if p.requires_grad], dpo.lr, 0.0)
 
     def on_fit_start(self) -> None:
-        self.__dict__["ref_model"] = prepare_frozen(self.trainer, self.ref_model)
-        if self.reward is not None:
-            self.__dict__["reward"] = prepare_frozen(self.trainer, self.reward)
+        super().on_fit_start()
         if not self.ref_ready:
             with rollout_context(self.trainer):
                 self.precompute_reference()
-
-    def on_fit_end(self) -> None:
-        device = next(self.policy.parameters()).device
-        self.ref_model.to(device)
-        if self.reward is not None:
-            self.reward.to(device)
-
-    def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
-        if self.trainer.world_size == 1:
-            return x
-        return self.trainer.strategy.reduce(x.detach().clone(), reduce_op="sum")
 
     def pair_loss(self, pairs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The DPO loss (mean over the pairs `pairs`, a (b,) index tensor) and its statistics."""
@@ -190,20 +173,14 @@ class DPOModule(FrozenModelsOutOfCheckpoints, L.LightningModule):
         opt.zero_grad(set_to_none=True)
         return sums
 
-    def publish(self, stats: dict[str, torch.Tensor]) -> None:
-        """Means over ranks, in one all-reduce, to Lightning's callbacks, progress bar and loggers."""
-        values = torch.stack([v.detach().to(self.device, torch.float32).reshape(()) for v in stats.values()])
-        metrics = dict(zip(stats, (self._global_sum(values) / self.trainer.world_size).tolist()))
-        publish_metrics(self.trainer, metrics, prog_bar={"loss": "loss/dpo", "acc": "rewards/accuracies"})
-
     def training_step(self, batch: torch.Tensor, batch_idx: int):
         t0 = time.perf_counter()
         self.policy.train()
         dpo = self.cfg.trainer.dpo
         stats = self.dpo_step(batch, dpo.micro_batch_size, dpo.max_grad_norm)
-        self.publish(stats | {"perf/step_s": torch.tensor(time.perf_counter() - t0)})
+        self.publish(stats | {"perf/step_s": torch.tensor(time.perf_counter() - t0)}, PROGRESS)
 
-    # ---- checkpoints: the reference log-probs travel with the policy ----------------------------
+    # ---- checkpoints: the reference log-probs travel with the policy (the models never) ------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["dpo_ref_logps"] = self.ref_logps.detach().cpu()
 
@@ -221,8 +198,6 @@ class OnlineDPOModule(DPOModule):
 
     def __init__(self, policy, ref_model, reward, tokenizer, cfg: RunConfig):
         super().__init__(policy, ref_model, reward, tokenizer, cfg, pairs=[])
-        from lightning_rlhf.models.reward import ScoreProcessor
-
         self.score_processor = ScoreProcessor(cfg.reward.clip, cfg.reward.normalize, cfg.reward.missing_eos_penalty)
         self.ref_ready = True  # the rollout brings them
 
@@ -239,15 +214,12 @@ class OnlineDPOModule(DPOModule):
     @torch.no_grad()
     def collect_pairs(self, prompt_ids, prompt_mask) -> dict[str, torch.Tensor]:
         """Sample 2 completions per prompt; self.pairs / self.ref_logps become this iteration's pairs."""
-        from lightning_rlhf.rollout import collect_rollout
-
         cfg = self.cfg
         self.policy.eval()
-        all_reduce = (lambda t: self.trainer.strategy.reduce(t.clone(), reduce_op="sum")) if self.trainer.world_size > 1 else None
         with rollout_context(self.trainer):
             exp, stats = collect_rollout(self.policy, self.ref_model, self.reward, self.score_processor, self.tokenizer,
                                          prompt_ids, prompt_mask, cfg.generation, "k1",
-                                         cfg.trainer.ppo.rollout_micro_batch_size, 2, all_reduce)
+                                         cfg.trainer.ppo.rollout_micro_batch_size, 2, self._all_reduce())
         first_wins = exp.scores[0::2] >= exp.scores[1::2]  # (N,)
         ref = torch.where(exp.response_mask, exp.ref_logprobs, torch.zeros_like(exp.ref_logprobs))
         ref = self._summed(ref, exp.response_mask).view(-1, 2)
@@ -279,5 +251,5 @@ class OnlineDPOModule(DPOModule):
         stats |= {k: v / steps for k, v in sums.items()}
         stats |= {"perf/rollout_s": torch.tensor(t1 - t0), "perf/update_s": torch.tensor(time.perf_counter() - t1),
                   "policy/optimizer_steps": torch.tensor(float(steps))}
-        self.publish(stats)
+        self.publish(stats, PROGRESS)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from lightning_rlhf.config import RunConfig
+from lightning_rlhf.stages.cache import run_stage, stage_key
 
 
 class Stage:
@@ -111,10 +112,9 @@ class Pipeline(Stage):
         return order
 
     def run(self, cfg, folder, **inputs):
-        from lightning_rlhf.stages.cache import run_stage, stage_key
-
+        chain = self.chain(cfg)
         results, keys, inputs = {}, {}, {}
-        for stage in self.chain(cfg):
+        for stage in chain:
             sub = folder if not stage.cached else folder / stage.name
             if stage.cached:
                 parent = next((keys[n] for n in stage.needs(cfg) if n in keys), None)
@@ -125,7 +125,7 @@ class Pipeline(Stage):
             results[stage.name] = out
             if stage.provides:
                 inputs[stage.provides] = out["model"]
-        return pipeline_summary(results, algorithm_stage(cfg).name, cfg.data.gold_name)
+        return pipeline_summary(results, chain[-1].name, cfg.data.gold_name)
 
 
 def pipeline_summary(results: dict[str, dict], final: str, gold_name: str | None = None) -> dict:

@@ -91,11 +91,8 @@ def _hash(obj: dict) -> str:
 
 
 def stage_key(cfg: RunConfig, stage, parent: Optional[str] = None) -> str:
-    """The cache key of `stage` (a cached Stage, or its name: sft | rm): the config sections it declares,
-    the code it imports, and the key of the stage it takes its input from (`parent`)."""
-    from lightning_rlhf.stages.base import get_stage
-
-    stage = get_stage(cfg, stage) if isinstance(stage, str) else stage
+    """The cache key of `stage` (a cached stages.base.Stage): the config sections it declares, the code it
+    imports, and the key of the stage it takes its input from (`parent`)."""
     parts = {"format": FORMAT, "code": code_fingerprint(stage.module), "stage": stage.name,
              **stage.cache_parts(cfg)}
     if parent is not None:

@@ -9,23 +9,22 @@ with data=files, data.preferences' training rows, rendered by the chat template.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
 
-import lightning as L
-from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from lightning_rlhf.algorithms.preference import DPOModule, OnlineDPOModule, Pair, PairBatches
 from lightning_rlhf.checkpointing import IterationSampler, PPOCheckpoint, checkpoint_dir, config_hash
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.data.prompts import PromptBatches, encode_prompts, fit_prompts, left_pad
-from lightning_rlhf.models.loading import load_causal_lm, load_tokenizer
+from lightning_rlhf.models.loading import load_causal_lm
 from lightning_rlhf.models.lora import build_policy_and_ref
 from lightning_rlhf.stages.common import build_trainer
-from lightning_rlhf.stages.ppo import EvalEvery, OnlineRLStage, build_reward, prompt_texts, save_policy
+from lightning_rlhf.rewards.functions import resolve_callable
+from lightning_rlhf.stages.ppo import (EvalEvery, OnlineRLStage, build_reward, policy_source, prompt_texts,
+                                      save_policy)
 
 log = logging.getLogger("lightning_rlhf")
 
@@ -60,19 +59,11 @@ def file_pairs(cfg: RunConfig, tokenizer) -> list[Pair]:
     return [(c[:n], c[n:], r[m:]) for (c, n), (r, m) in zip(chosen, rejected) if n < len(c) and m < len(r)]
 
 
-def load_policy(cfg: RunConfig, policy_path: str | None):
-    """-> tokenizer, causal LM (the SFT policy at `policy_path`, else model.*), after seeding as run_rm does."""
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model_cfg = cfg.model if policy_path is None else dataclasses.replace(cfg.model, name_or_path=policy_path, config=None)
-    tokenizer = load_tokenizer(policy_path or cfg.model.tokenizer or cfg.model.name_or_path)
-    return tokenizer, model_cfg
-
-
 def fit_and_evaluate(cfg: RunConfig, folder: Path, module, make_dataset, ckpt_path: Path | None, t0: float) -> dict:
     """Held-out evaluations before, every trainer.eval_every steps and after; checkpoints; the fit over
     `make_dataset(trainer)` (item i: the batch of step i); the policy saved. -> the stage's summary."""
     tokenizer, ckpt = module.tokenizer, cfg.checkpoint
-    gold_fn = instantiate(cfg.data.gold) if cfg.data.gold else None
+    gold_fn = resolve_callable(cfg.data.gold) if cfg.data.gold else None
     eval_batch = left_pad(encode_prompts(tokenizer, prompt_texts(cfg, "heldout", cfg.data.num_eval_prompts, tokenizer),
                                          cfg.data.max_prompt_len), tokenizer.pad_token_id)
     samples_every = cfg.logger.samples_every if cfg.logger.name == "wandb" else None
@@ -113,7 +104,7 @@ def run_dpo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward
             ckpt_path: Path | None = None) -> dict:
     """Fit DPO in `folder` (checkpoints in checkpoint.dir); from `ckpt_path` when given (resume)."""
     t0 = time.perf_counter()
-    tokenizer, model_cfg = load_policy(cfg, policy_path)
+    tokenizer, model_cfg = policy_source(cfg, policy_path)
     pairs = file_pairs(cfg, tokenizer) if cfg.data.source == "files" else None  # data errors before the model
     lm = load_causal_lm(model_cfg, tokenizer, cfg.seed)
     if pairs is None:
@@ -131,7 +122,7 @@ def run_online_dpo(cfg: RunConfig, folder: Path, policy_path: str | None = None,
                    ckpt_path: Path | None = None) -> dict:
     """Fit online DPO: trainer.ppo.iterations rollouts of trainer.ppo.rollout_batch_size prompts x 2."""
     t0 = time.perf_counter()
-    tokenizer, model_cfg = load_policy(cfg, policy_path)
+    tokenizer, model_cfg = policy_source(cfg, policy_path)
     lm = load_causal_lm(model_cfg, tokenizer, cfg.seed)
     policy, ref = build_policy_and_ref(lm, cfg.model.lora, value_head=False)
     module = OnlineDPOModule(policy, ref, build_reward(cfg, tokenizer, reward_path), tokenizer, cfg)

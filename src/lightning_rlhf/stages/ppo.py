@@ -129,14 +129,20 @@ def save_policy(policy, tokenizer, path: Path) -> None:
     publish(tmp, path)
 
 
+def policy_source(cfg: RunConfig, policy_path: str | None):
+    """Seed the run; -> the policy's tokenizer and model config: the SFT policy at `policy_path` (from the
+    pipeline), else model.*."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model_cfg = cfg.model if policy_path is None else dataclasses.replace(cfg.model, name_or_path=policy_path, config=None)
+    return load_policy_tokenizer(policy_path or cfg.model.tokenizer or cfg.model.name_or_path), model_cfg
+
+
 def run_ppo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward_path: str | None = None,
             ckpt_path: Path | None = None) -> dict:
     """Fit PPO in `folder` (checkpoints in checkpoint.dir); from `ckpt_path` when given (exact resume)."""
     t0 = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     ppo = cfg.trainer.ppo
-    model_cfg = cfg.model if policy_path is None else dataclasses.replace(cfg.model, name_or_path=policy_path, config=None)
-    tokenizer = load_policy_tokenizer(policy_path or cfg.model.tokenizer or cfg.model.name_or_path)
+    tokenizer, model_cfg = policy_source(cfg, policy_path)
     lm = load_causal_lm(model_cfg, tokenizer, cfg.seed)
     # with LoRA: ref = the backbone, adapters off; a value head only for algorithms with a critic
     policy, ref = build_policy_and_ref(lm, cfg.model.lora, value_head=cfg.algorithm.critic)
