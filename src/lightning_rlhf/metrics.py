@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import lightning as L
@@ -62,15 +63,27 @@ class MetricsCSV(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = list(state["rows"])
-        if self.rows and rank_zero_only.rank == 0:
+        if self.rows and is_rank_zero():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._columns = write_csv(self.path, self.rows)
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0 (known from the launcher's environment before any Trainer
+    exists). Run-folder files (eval.csv, summaries, plots, samples) are written by rank 0 alone."""
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _tmp_path(path: Path) -> Path:
+    """A temporary name beside `path` that no other process uses."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def write_csv(path: Path, rows: list[dict]) -> list[str]:
     """Rows (their keys in first-seen order as columns) to `path`, atomically. -> the columns."""
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = Path(path).with_suffix(".tmp")
+    tmp = _tmp_path(path)
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
@@ -85,6 +98,6 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = Path(path).with_suffix(".tmp")
+    tmp = _tmp_path(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     tmp.replace(path)

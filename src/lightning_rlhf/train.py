@@ -64,8 +64,10 @@ def check_optimized_metric(cfg: RunConfig) -> None:
 
 
 def _write_summary(folder: Path, summary: dict) -> None:
-    from lightning_rlhf.metrics import write_json
+    from lightning_rlhf.metrics import is_rank_zero, write_json
 
+    if not is_rank_zero():
+        return
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "summary.json", summary)
 
@@ -147,7 +149,10 @@ def run_job(cfg: DictConfig) -> Optional[float]:
     run_dir = Path(run_cfg.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        from lightning_rlhf.metrics import is_rank_zero
+
+        if is_rank_zero():
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
         summary = train(run_cfg, resolved, job)
     except ConfigError as err:  # found while building (e.g. a data file's content)

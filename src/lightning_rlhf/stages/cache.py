@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Optional
 
 from lightning_rlhf.checkpointing import publish
 from lightning_rlhf.config import RunConfig
-from lightning_rlhf.metrics import write_json
+from lightning_rlhf.metrics import is_rank_zero, write_json
 
 log = logging.getLogger("lightning_rlhf")
 
@@ -104,12 +104,6 @@ def entry_dir(cfg: RunConfig, stage: str, key: str) -> Path:
     return Path(cfg.cache.dir).expanduser() / "stages" / f"{stage}-{key}"
 
 
-def _is_global_zero() -> bool:
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
-
-
 def lookup(cfg: RunConfig, stage: str, key: str) -> Optional[dict]:
     entry = entry_dir(cfg, stage, key)
     try:
@@ -122,7 +116,7 @@ def lookup(cfg: RunConfig, stage: str, key: str) -> Optional[dict]:
 def store(cfg: RunConfig, stage: str, key: str, folder: Path, summary: dict) -> None:
     """Copy folder/model and the summary into the cache (rank 0; an existing entry is kept)."""
     entry = entry_dir(cfg, stage, key)
-    if entry.exists() or not _is_global_zero():
+    if entry.exists() or not is_rank_zero():
         return
     tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
     try:
@@ -226,7 +220,7 @@ def run_stage(cfg: RunConfig, stage: str, folder: Path, fn: Callable[[], dict], 
         return json.loads(done.read_text()) | {"reused": True, "wall_s": 0.0}
     if not cfg.cache.enabled:
         return _compute(cfg, stage, folder, fn, key)
-    if not _is_global_zero():
+    if not is_rank_zero():
         hit = _follow_rank_zero(cfg, stage, folder, key)
         return _reused(stage, hit) if hit is not None else _compute(cfg, stage, folder, fn, key)
     if (hit := lookup(cfg, stage, key)) is None or _read_decision(folder, key) == "train":
@@ -244,7 +238,7 @@ def _reused(stage: str, hit: dict) -> dict:
 
 def _compute(cfg: RunConfig, stage: str, folder: Path, fn: Callable[[], dict], key: str) -> dict:
     summary = fn()
-    if _is_global_zero():
+    if is_rank_zero():
         write_json(folder / STAGE_FILE, summary)
     if cfg.cache.enabled:
         store(cfg, stage, key, folder, summary)

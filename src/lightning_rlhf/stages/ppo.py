@@ -22,6 +22,7 @@ from lightning_rlhf.rewards.functions import build_reward_functions, resolve_cal
 from lightning_rlhf.algorithms.online import OnlineRLModule
 from lightning_rlhf.checkpointing import IterationSampler, PPOCheckpoint, checkpoint_dir, config_hash, publish
 from lightning_rlhf.stages.base import Stage
+from lightning_rlhf.metrics import is_rank_zero
 from lightning_rlhf.stages.common import build_trainer, write_csv
 from lightning_rlhf.stages.sft import load_policy_tokenizer
 
@@ -94,7 +95,8 @@ class EvalEvery(L.Callback):
                                            m.cfg.generation, self.gold_fn, columns=self.eval_columns)
         self.history.append({"iteration": iteration, **metrics})
         self.samples[iteration] = samples
-        write_csv(self.folder / "eval.csv", self.history)
+        if is_rank_zero():  # every rank evaluates (the metrics are global); one writes
+            write_csv(self.folder / "eval.csv", self.history)
         for lg in self.loggers:
             if isinstance(lg, WandbStageLogger):
                 lg.log_at(metrics, iteration)
@@ -216,6 +218,7 @@ class OnlineRLStage(Stage):
             remember_run(cfg, checkpoint_dir(cfg, folder))
         result = self.fit(cfg, folder, policy_path=policy_path, reward_path=reward_path, ckpt_path=ckpt_path)
         samples = result.pop("samples")
-        (folder / "samples.md").write_text(samples_table(samples["initial"], samples["final"]))
-        plot_curves(folder / "metrics.csv", folder / "eval.csv", folder / "plots", cfg.data.gold_name)
+        if is_rank_zero():
+            (folder / "samples.md").write_text(samples_table(samples["initial"], samples["final"]))
+            plot_curves(folder / "metrics.csv", folder / "eval.csv", folder / "plots", cfg.data.gold_name)
         return result | {"algorithm": cfg.algorithm.name}
