@@ -82,7 +82,7 @@ def test_other_ranks_follow_rank_zero(tmp_path, monkeypatch, decision):
     folder = tmp_path / "run" / "sft"
     if decision == "reuse":  # an entry rank 0 decided to reuse
         store(cfg, "sft", KEY, _model_folder(tmp_path / "other"), {"sft_loss": 1.0})
-    monkeypatch.setattr(cache, "_is_global_zero", lambda: False)
+    monkeypatch.setattr(cache, "is_rank_zero", lambda: False)
     calls, result = [], {}
     rank1 = threading.Thread(target=lambda: result.update(run_stage(
         cfg, "sft", folder, lambda: calls.append(1) or {"sft_loss": 3.0}, KEY)))
