@@ -104,6 +104,31 @@ def test_sweep_composes_and_every_launchable_value_validates(name, experiment):
             _validate(_compose(*base, f"{key}={value}"))
 
 
+ALGORITHMS = sorted(p.stem for p in (CONF / "algorithm").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_algorithm_composes_and_validates(name):
+    run_cfg = _validate(_compose(f"algorithm={name}"))
+    assert run_cfg.algorithm.name == name
+
+
+def test_ilql_keys_are_overridable_and_checked_by_name():
+    from lightning_rlhf.config import ConfigError
+
+    run_cfg = _validate(_compose("algorithm=ilql", "algorithm.tau=0.9", "generation.ilql_beta=2",
+                                 "trainer.ilql.eval_betas=[0,1]", "data=files", "data.sft.path=examples/data/hh_chat.jsonl",
+                                 "data.sft.messages_field=messages", "data.offline.path=examples/data/ilql_reviews.jsonl",
+                                 "reward=vader"))
+    assert run_cfg.algorithm.is_offline() and run_cfg.algorithm.tau == 0.9 and run_cfg.generation.ilql_beta == 2.0
+    assert run_cfg.trainer.ilql.eval_betas == [0, 1] and run_cfg.data.offline.reward_field == "reward"
+    for override, key in (("algorithm.tau=1.5", "algorithm.tau"), ("generation.ilql_beta=-1", "generation.ilql_beta"),
+                          ("trainer.ilql.micro_batch_size=5", "trainer.ilql.micro_batch_size"),
+                          ("data=files", "data.")):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}"):
+            _validate(_compose("algorithm=ilql", override))
+
+
 def test_optuna_sweep_maximises_the_final_gold_score_over_lr_and_kl():
     cfg = _compose("sweep=optuna_lr_kl", hydra=True)
     sweeper = cfg.hydra.sweeper

@@ -159,6 +159,7 @@ class DataSourceConfig:
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
     messages_field: Optional[str] = None  # a conversation; its last assistant turn is the completion
+    reward_field: str = "reward"  # data.offline (algorithm=ilql): the completion's scalar reward
 
     def is_set(self) -> bool:
         return self.path is not None or self.name is not None
@@ -200,6 +201,7 @@ class DataConfig:
     prompts: DataSourceConfig = field(default_factory=DataSourceConfig)  # PPO prompts (unset: preferences', sft's)
     sft: DataSourceConfig = field(default_factory=DataSourceConfig)  # demonstrations: prompt + completion
     preferences: DataSourceConfig = field(default_factory=DataSourceConfig)  # prompt + chosen + rejected
+    offline: DataSourceConfig = field(default_factory=DataSourceConfig)  # algorithm=ilql: prompt + completion + reward
     chat_template: bool = True  # files: render with the tokenizer's chat template when it has one
     long_prompts: str = "truncate_left"  # prompts over max_prompt_len tokens: truncate_left | drop
     heldout_fraction: float = 0.1  # files without eval_split: rows held out for SFT validation / eval prompts
@@ -212,7 +214,7 @@ class DataConfig:
     gold_name: Optional[str] = None  # also report the gold score as <name>_sft/_final and plots/<name>.png
     arith: ArithConfig = field(default_factory=ArithConfig)  # data.source=arith
 
-    SOURCES = ("prompts", "sft", "preferences")
+    SOURCES = ("prompts", "sft", "preferences", "offline")
 
     def check(self) -> None:
         _choice("data.source", self.source, ("reviews", "arith", "files"))
@@ -352,6 +354,17 @@ class AlgorithmConfig:
     loss_type: str = "sigmoid"  # sigmoid | ipo (length-normalised log-ratios) | hinge | robust
     label_smoothing: float = 0.0  # cDPO / robust DPO: the share of flipped labels assumed
     nll_coef: float = 0.0  # RPO: + nll_coef * the chosen response's mean token NLL
+    # offline Q-learning (algorithm=ilql): losses.ilql_loss's options and the heads (models/ilql.py)
+    tau: float = 0.7  # the expectile of V's regression onto min Q_target
+    gamma: float = 0.99  # discount per token
+    cql_scale: float = 0.1  # weight of the CQL term (logsumexp Q - Q of the token taken)
+    awac_scale: float = 1.0  # weight of the advantage-weighted LM term
+    # target Q heads: target <- (1 - alpha) target + alpha Q every target_sync_every steps. Snell et al.'s
+    # 0.001 every 5 barely moves them in our ~700 steps (experiments/ilql.md): a full copy every 5
+    alpha: float = 1.0
+    target_sync_every: int = 5
+    num_q_heads: int = 2  # Q heads (min over their targets)
+    scorer: str = "reward"  # review world: score the SFT samples with the run's reward (the learned RM) | gold
     stage: Any = field(default_factory=lambda: {"_target_": "lightning_rlhf.stages.ppo.OnlineRLStage"})  # stage=ppo
 
     def clip_range(self, loss: "LossConfig") -> tuple[float, float]:
@@ -361,6 +374,10 @@ class AlgorithmConfig:
     def is_online(self) -> bool:
         """The online family's stage (sampling, rewards, advantages): PPO, GRPO, ... (not DPO)."""
         return str(self.stage.get("_target_", "")).endswith(".OnlineRLStage") if isinstance(self.stage, dict) else True
+
+    def is_offline(self) -> bool:
+        """The offline Q-learning stage (ILQL): it learns from scored completions (data.offline with files)."""
+        return isinstance(self.stage, dict) and str(self.stage.get("_target_", "")).endswith(".ILQLStage")
 
     def is_group_estimator(self) -> bool:
         target = str(self.advantage.get("_target_", "")) if isinstance(self.advantage, dict) else ""
@@ -384,6 +401,14 @@ class AlgorithmConfig:
         _check(0.0 <= self.label_smoothing < 0.5, "algorithm.label_smoothing", "must be in [0, 0.5)",
                self.label_smoothing)
         _check(self.nll_coef >= 0, "algorithm.nll_coef", "must be >= 0", self.nll_coef)
+        _check(0.0 < self.tau < 1.0, "algorithm.tau", "must be in (0, 1)", self.tau)
+        _check(0.0 <= self.gamma <= 1.0, "algorithm.gamma", "must be in [0, 1]", self.gamma)
+        for key in ("cql_scale", "awac_scale"):
+            _check(getattr(self, key) >= 0, f"algorithm.{key}", "must be >= 0", getattr(self, key))
+        _check(0.0 < self.alpha <= 1.0, "algorithm.alpha", "must be in (0, 1]", self.alpha)
+        _check(self.target_sync_every >= 1, "algorithm.target_sync_every", "must be >= 1", self.target_sync_every)
+        _check(self.num_q_heads >= 1, "algorithm.num_q_heads", "must be >= 1", self.num_q_heads)
+        _choice("algorithm.scorer", self.scorer, ("reward", "gold"))
         _check(self.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds", "must be >= 1", self.max_sampling_rounds)
         if self.is_group_estimator() or self.zero_std == "filter":
             _check(self.group_size >= 2, "algorithm.group_size",
@@ -399,8 +424,12 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
+    ilql_beta: float = 4.0  # algorithm=ilql: log_softmax(logits) + ilql_beta * (min Q_target - V); 0 = the LM alone
+    ilql_top_k: int = 0  # algorithm=ilql: top-k of the steered logits (0 = off)
 
     def check(self) -> None:
+        _check(self.ilql_beta >= 0, "generation.ilql_beta", "must be >= 0", self.ilql_beta)
+        _check(self.ilql_top_k >= 0, "generation.ilql_top_k", "must be >= 0", self.ilql_top_k)
         _check(self.max_new_tokens > 0, "generation.max_new_tokens", "must be > 0", self.max_new_tokens)
         _check(self.temperature > 0, "generation.temperature", "must be > 0", self.temperature)
         _check(self.top_k >= 0, "generation.top_k", "must be >= 0", self.top_k)
@@ -500,17 +529,42 @@ class DPOTrainConfig:
 
 
 @dataclass
+class ILQLTrainConfig:
+    """Offline Q-learning (algorithm=ilql): passes over the scored completions."""
+
+    epochs: int = 2
+    batch_size: int = 32  # completions per optimizer step
+    micro_batch_size: int = 32  # completions per forward/backward (gradient accumulation)
+    lr: float = 1e-3
+    max_grad_norm: Optional[float] = 1.0
+    max_len: int = 48  # prompt + completion tokens (data.offline rows cut on the right)
+    eval_betas: list = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0, 8.0])  # the final table over beta
+
+    def check(self) -> None:
+        for key in ("epochs", "batch_size", "micro_batch_size", "max_len"):
+            _check(getattr(self, key) > 0, f"trainer.ilql.{key}", "must be > 0", getattr(self, key))
+        _check(self.batch_size % self.micro_batch_size == 0, "trainer.ilql.micro_batch_size",
+               f"must divide trainer.ilql.batch_size={self.batch_size}", self.micro_batch_size)
+        _check(self.lr > 0, "trainer.ilql.lr", "must be > 0", self.lr)
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "trainer.ilql.max_grad_norm",
+               "must be > 0 or null", self.max_grad_norm)
+        _check(all(isinstance(b, (int, float)) and b >= 0 for b in self.eval_betas), "trainer.ilql.eval_betas",
+               "must be a list of numbers >= 0", self.eval_betas)
+
+
+@dataclass
 class TrainerConfig:
     ppo: PPOTrainConfig = field(default_factory=PPOTrainConfig)
     sft: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     rm: RMTrainConfig = field(default_factory=RMTrainConfig)
     dpo: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    ilql: ILQLTrainConfig = field(default_factory=ILQLTrainConfig)
     eval_every: int = 10  # iterations between gold/proxy evaluations on held-out prompts (0 = off)
     log_every: int = 1
     enable_progress_bar: bool = True
 
     def check(self, group_size: int = 1) -> None:
-        self.ppo.check(group_size), self.sft.check(), self.rm.check(), self.dpo.check()
+        self.ppo.check(group_size), self.sft.check(), self.rm.check(), self.dpo.check(), self.ilql.check()
         _check(self.eval_every >= 0, "trainer.eval_every", "must be >= 0", self.eval_every)
         _check(self.log_every > 0, "trainer.log_every", "must be > 0", self.log_every)
 
@@ -667,7 +721,10 @@ class RunConfig:
                    self.resume)
         # reward.functions without a learned entry: no reward-model stage, no preference pairs needed (the older
         # reward.type=function keeps its check as it was)
-        needs_pairs = self.reward.needs_reward_model() or not self.reward.functions
+        needs_pairs = self.reward.needs_reward_model() or not (self.reward.functions or self.data.offline.is_set())
+        if self.algorithm.is_offline() and self.data.source == "files" and self.stage in ("ppo", "pipeline"):
+            _check(self.data.offline.is_set(), "data.offline.path", "algorithm=ilql with data.source=files learns "
+                   "from (prompt, completion, reward) rows: set data.offline.path or data.offline.name", None)
         self.model.check_stage(self.stage), self.data.check_stage(self.stage, needs_pairs)
         if self.stage == "ppo" and self.reward.type == "model" and not self.reward.functions:
             _check(self.reward.path is not None, "reward.path",

@@ -340,3 +340,71 @@ def dpo_loss(
                  "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
                  "rewards/margins": (chosen_rewards - rejected_rewards).mean()}
     return losses.mean(), stats
+
+
+# ---- offline Q-learning (ILQL, Snell et al. 2022) ---------------------------------------------------
+def expectile_loss(u: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """Expectile regression (IQL): the masked mean of |tau - 1(u < 0)| * u^2. u, mask: (B, T) -> scalar.
+
+    u = target - prediction. With tau > 0.5 an under-estimate (u > 0) costs more than an over-estimate,
+    so the prediction tends to an upper expectile of the targets (tau = 0.5: the mean squared error / 2).
+    """
+    weight = torch.where(u < 0, 1.0 - tau, tau)
+    return masked_mean(weight * u.square(), mask)
+
+
+def ilql_shift_logits(logits: torch.Tensor, q: torch.Tensor, v: torch.Tensor, beta: float) -> torch.Tensor:
+    """The ILQL-steered next-token logits: log_softmax(logits, -1) + beta * (q - v[..., None]).
+
+    logits, q: (B, T, V) (q: min over the target Q heads), v: (B, T) -> (B, T, V) fp32. beta = 0 is the
+    behaviour policy (the LM's own log-probs).
+    """
+    return torch.log_softmax(logits.float(), dim=-1) + beta * (q.float() - v.float()[..., None])
+
+
+def ilql_loss(
+    q_all: torch.Tensor,
+    target_q: torch.Tensor,
+    values: torch.Tensor,
+    logprobs: torch.Tensor,
+    actions: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 0.99,
+    tau: float = 0.7,
+    cql_scale: float = 0.1,
+    awac_scale: float = 1.0,
+    max_awac_weight: float = 20.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The ILQL loss over response tokens: Q regression + V expectile regression + CQL + AWAC-weighted NLL.
+
+    q_all: (n_q, B, T, V) Q_i(s_t, .) of the trained Q heads; target_q: (B, T) min_i Q_target_i(s_t, a_t)
+    (no grad); values: (B, T) V(s_t); logprobs: (B, T) log pi(a_t | s_t) of the LM; actions: (B, T) the
+    tokens taken; rewards: (B, T) the sequence reward at its last valid token, 0 elsewhere; mask: (B, T)
+    True on valid tokens, a prefix of each row. With V(s_T) = 0 after the last token:
+        q_loss    = sum_i mean_t (Q_i(s_t, a_t) - (r_t + gamma * V(s_{t+1})))^2     V(s_{t+1}) detached
+        v_loss    = expectile_loss(target_q - V(s_t), tau)
+        cql_loss  = sum_i mean_t (logsumexp_a Q_i(s_t, a) - Q_i(s_t, a_t))
+        awac_loss = mean_t -min(exp(target_q - V(s_t)), max_awac_weight) * log pi(a_t | s_t)  (weight detached)
+    loss = q_loss + v_loss + cql_scale * cql_loss + awac_scale * awac_loss (token means over `mask`).
+    """
+    mask = mask.bool()
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    next_valid = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)  # s_{t+1} is a state, not the end
+    next_v = torch.where(next_valid, torch.cat([values[:, 1:], values[:, :1]], dim=1), zero).detach()
+    q_target = rewards.float() + gamma * next_v  # (B, T)
+    index = actions[None, ..., None].expand(q_all.shape[0], *actions.shape, 1)
+    q_taken = q_all.float().gather(-1, index).squeeze(-1)  # (n_q, B, T)
+    q_loss = sum(masked_mean((q - q_target).square(), mask) for q in q_taken)
+    advantages = target_q.float() - values.float()  # (B, T)
+    v_loss = expectile_loss(advantages, mask, tau)
+    cql_loss = sum(masked_mean(torch.logsumexp(qa.float(), -1) - q, mask) for qa, q in zip(q_all, q_taken))
+    weights = advantages.detach().exp().clamp(max=max_awac_weight)
+    awac_loss = masked_mean(-weights * logprobs.float(), mask)
+    loss = q_loss + v_loss + cql_scale * cql_loss + awac_scale * awac_loss
+    with torch.no_grad():
+        stats = {"loss/q": q_loss, "loss/v": v_loss, "loss/cql": cql_loss, "loss/awac": awac_loss,
+                 "ilql/q": masked_mean(q_taken.mean(0), mask), "ilql/v": masked_mean(values.float(), mask),
+                 "ilql/advantage": masked_mean(advantages, mask), "ilql/awac_weight": masked_mean(weights, mask),
+                 "ilql/nll": masked_mean(-logprobs.float(), mask)}
+    return loss, stats

@@ -63,6 +63,27 @@ def plot_curves(metrics_csv: Path, eval_csv: Path, out_dir: Path, gold_name: Opt
     return written
 
 
+def plot_beta_table(rows: list[dict], initial: dict, out: Path) -> Path:
+    """ILQL: the held-out gold score (else the proxy reward) and the KL against the steering strength
+    beta (rows: {beta, gold_score?, proxy_reward, kl}), the SFT policy's score as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "gold_score" if "gold_score" in rows[0] else "proxy_reward"
+    betas = [r["beta"] for r in rows]
+    fig, (ax, ax_kl) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=120)
+    ax.plot(betas, [r[key] for r in rows], "o-", label="ILQL, steered")
+    ax.axhline(initial[f"val/{key}"], ls="--", color="grey", label="SFT policy")
+    ax.set(title=f"{key.replace('_', ' ').capitalize()} (held-out prompts)", xlabel="beta")
+    ax_kl.plot(betas, [r["kl"] for r in rows], "o-", color="C1", label="KL(steered || SFT)")
+    ax_kl.set(title="KL to the SFT policy, per sequence", xlabel="beta")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _finish(fig, ax_kl, out)
+
+
 def _finish(fig, ax, out: Path) -> Path:
     """Grid and legend on `ax`, then `_save`."""
     ax.grid(alpha=0.3)

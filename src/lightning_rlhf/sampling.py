@@ -207,12 +207,16 @@ def sample(
     with_logprobs: bool = False,
     value_head=None,
     use_fast_decoder: bool = True,
+    steer=None,
 ) -> Samples:
     """Sample responses to prompt_ids, prompt_mask: (B, P) left padded. See `Samples`.
 
     with_logprobs: also the log-prob and entropy of every step (from the logits the step computes);
     value_head: also the values (value_head applied to the step's last hidden state).
     use_fast_decoder: decode Llama-architecture models with `LlamaDecoder` (same numbers up to rounding).
+    steer: steer(hidden (B, H), logits (B, V)) -> logits (B, V), applied to each step's logits (after the
+    temperature, before top-k / top-p); the log-probs are then the steered distribution's (ILQL:
+    `models.ilql.ILQLHeads.steer`).
     Per step: the model call and an inverse-CDF draw (uniforms drawn `check_every` steps at a time);
     the statistics are computed for blocks of `check_every` steps at once, when the loop checks
     whether every row is done (its only host synchronisation).
@@ -227,6 +231,8 @@ def sample(
         z = head(hidden).float()  # (B, V)
         if temperature != 1.0:
             z = z / temperature
+        if steer is not None:
+            z = steer(hidden, z)
         if step % check_every == 0:
             uniforms = draw_uniforms((check_every, B, 1), z.device)
         token = sample_next_token(z, 1.0, top_k, top_p, uniforms[step % check_every])
@@ -260,10 +266,12 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     check_every: int = 4,
+    steer=None,
 ) -> torch.Tensor:
     """Sample responses. prompt_ids, prompt_mask: (B, P) left padded -> response_ids (B, T<=max_new_tokens).
 
     After a row's EOS its remaining tokens are `pad_id`; generation stops early once every row is done.
+    `steer`: see `sample`.
     """
     return sample(lm, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p,
-                  check_every).response_ids
+                  check_every, steer=steer).response_ids

@@ -275,6 +275,35 @@ def load_preferences(data: DataConfig, tokenizer, heldout_fraction: float):
             preference_triples(heldout, data.preferences, "data.preferences", renderer))
 
 
+def offline_rows(rows: list[dict], spec: DataSourceConfig, key: str, renderer: Renderer) -> list[tuple[str, str, float]]:
+    """(prompt, completion, reward) of data.offline's rows: the texts as demonstration_pairs reads them,
+    the reward a finite number in `reward_field` (a numeric string, as CSV gives, counts)."""
+    import math
+
+    require_fields(rows, spec, key, ("reward_field",))
+    texts = demonstration_pairs(rows, spec, key, renderer)
+    out = []
+    for i, (row, (prompt, completion)) in enumerate(zip(rows, texts)):
+        value = _field_value(row, spec, key, "reward_field", i)
+        try:
+            reward = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            reward = math.nan
+        if not math.isfinite(reward):
+            raise ConfigError(f"{key}.reward_field: row {i} of {spec.where()} has {spec.reward_field}="
+                              f"{str(value)[:40]!r}, not a finite number")
+        out.append((prompt, completion, reward))
+    return out
+
+
+def load_offline(data: DataConfig, tokenizer) -> tuple[list[tuple[str, str, float]], list[tuple[str, str, float]]]:
+    """data.offline (algorithm=ilql): (training, held-out) (prompt, completion, reward) triples, rendered."""
+    renderer = Renderer(tokenizer, data.chat_template)
+    train, heldout = train_and_heldout(data.offline, "data.offline", data)
+    return (offline_rows(train, data.offline, "data.offline", renderer),
+            offline_rows(heldout, data.offline, "data.offline", renderer))
+
+
 def fingerprint(data: DataConfig) -> dict[str, str]:
     """sha256 of the bytes of every local file source (a folder: all its files), keyed like the config.
 

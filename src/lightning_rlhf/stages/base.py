@@ -149,6 +149,7 @@ def pipeline_summary(results: dict[str, dict], final: str, gold_name: str | None
         "policy": last.get("policy"),
         "reward_model": rm.get("model"),
         "algorithm": last.get("algorithm"),
+        **{k: v for k, v in last.items() if last.get("algorithm") and k.startswith(f"{last['algorithm']}_")},
     }
     if summary["gold_score_sft"] is not None:
         summary["gold_score_gain"] = summary["gold_score_final"] - summary["gold_score_sft"]
