@@ -562,11 +562,14 @@ class TrainerConfig:
     eval_every: int = 10  # iterations between gold/proxy evaluations on held-out prompts (0 = off)
     log_every: int = 1
     enable_progress_bar: bool = True
+    max_consecutive_skips: int = 10  # optimizer steps in a row with a non-finite loss or gradient norm before the run stops
 
     def check(self, group_size: int = 1) -> None:
         self.ppo.check(group_size), self.sft.check(), self.rm.check(), self.dpo.check(), self.ilql.check()
         _check(self.eval_every >= 0, "trainer.eval_every", "must be >= 0", self.eval_every)
         _check(self.log_every > 0, "trainer.log_every", "must be > 0", self.log_every)
+        _check(self.max_consecutive_skips >= 1, "trainer.max_consecutive_skips", "must be >= 1",
+               self.max_consecutive_skips)
 
 
 @dataclass

@@ -162,7 +162,12 @@ def run_job(cfg: DictConfig) -> Optional[float]:
         _record_failure(run_dir, err)
         return None
     except Exception as err:
+        from lightning_rlhf.nonfinite import TrainingStopped
+
         if not job["multirun"]:
+            if isinstance(err, TrainingStopped):
+                print(f"training stopped: {err}", file=sys.stderr)
+                sys.exit(1)
             raise
         _record_failure(run_dir, err)
         return None

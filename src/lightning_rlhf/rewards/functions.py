@@ -88,18 +88,19 @@ def _prompt_of(seqs, i: int) -> str:
     return f"prompt {i // seqs.group_size} of the batch: {prompt[-60:]!r}"
 
 
-def check_values(rf: RewardFunction, values: Any, seqs, non_finite: str) -> torch.Tensor:
-    """The function's return value as (B,) fp32 (NaN where None), or a RewardError."""
+def check_values(where: str, values: Any, seqs, non_finite: str) -> torch.Tensor:
+    """A reward's return value as (B,) fp32 (NaN where None, inf where non-finite under
+    non_finite=mask), or a RewardError naming `where` (the reward), the value and the completion."""
     n = len(seqs)
     if isinstance(values, torch.Tensor):
         values = values.detach().float().reshape(-1).tolist()
     elif hasattr(values, "tolist") and not isinstance(values, (str, bytes)):
         values = values.tolist()
     if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
-        raise RewardError(f"{rf.where()}: returned {str(values)[:60]!r} ({type(values).__name__}) for a batch of "
+        raise RewardError(f"{where}: returned {str(values)[:60]!r} ({type(values).__name__}) for a batch of "
                           f"{n} completions; a reward returns a list of one float (or None) per completion")
     if len(values) != n:
-        raise RewardError(f"{rf.where()}: returned {len(values)} values for {n} completions "
+        raise RewardError(f"{where}: returned {len(values)} values for {n} completions "
                           f"({_prompt_of(seqs, 0)}); a reward returns one float (or None) per completion")
     out = []
     for i, v in enumerate(values):
@@ -107,14 +108,47 @@ def check_values(rf: RewardFunction, values: Any, seqs, non_finite: str) -> torc
             out.append(math.nan)
             continue
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise RewardError(f"{rf.where()}: returned {str(v)[:60]!r} ({type(v).__name__}) for completion {i} "
+            raise RewardError(f"{where}: returned {str(v)[:60]!r} ({type(v).__name__}) for completion {i} "
                               f"({_prompt_of(seqs, i)}); a reward is a float or None")
         v = float(v)
         if not math.isfinite(v) and non_finite == "error":
-            raise RewardError(f"{rf.where()}: returned {v} for completion {i} ({_prompt_of(seqs, i)}); "
+            raise RewardError(f"{where}: returned {v} for completion {i} ({_prompt_of(seqs, i)}); "
                               "set reward.non_finite=mask to leave such completions out of the loss")
         out.append(v if math.isfinite(v) else math.inf)  # inf marks "invalid", NaN "does not apply"
     return torch.tensor(out, dtype=torch.float32)
+
+
+def call_user(where: str, fn: Callable, seqs, *args, **kwargs) -> Any:
+    """fn(*args, **kwargs); any exception of user code becomes a RewardError naming `where`."""
+    try:
+        return fn(*args, **kwargs)
+    except RewardError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure of user code stops the run, named
+        raise RewardError(f"{where}: raised {type(err).__name__}: {str(err)[:200]} on a batch of "
+                          f"{len(seqs)} completions ({_prompt_of(seqs, 0)})") from err
+
+
+class CheckedReward(nn.Module):
+    """One reward (reward.fn, or the learned reward model) with its output checked as reward.functions'
+    are: forward(Sequences) -> (B,) scores, or a RewardOutput marking the invalid ones (non_finite=mask).
+    A learned model's non-finite score is an error too: it names the model's folder."""
+
+    def __init__(self, reward: nn.Module, where: str, non_finite: str = "error"):
+        super().__init__()
+        self.inner, self.where, self.non_finite = reward, where, non_finite
+
+    def forward(self, seqs):
+        values = check_values(self.where, call_user(self.where, self.inner, seqs, seqs), seqs, self.non_finite)
+        device = seqs.input_ids.device
+        if values.isnan().any() and self.non_finite == "error":
+            i = int(values.isnan().nonzero()[0])
+            raise RewardError(f"{self.where}: returned None for completion {i} ({_prompt_of(seqs, i)}); "
+                              "set reward.non_finite=mask to leave such completions out of the loss")
+        if self.non_finite == "error":
+            return values.to(device)
+        valid = values.isfinite()
+        return RewardOutput(torch.where(valid, values, torch.full((), math.nan)).to(device), valid.to(device))
 
 
 class RewardFunctions(nn.Module):
@@ -129,13 +163,7 @@ class RewardFunctions(nn.Module):
     def call(self, rf: RewardFunction, seqs, kwargs: dict) -> Any:
         if isinstance(rf.fn, nn.Module):
             return rf.fn(seqs)
-        try:
-            return rf.fn(**kwargs)
-        except RewardError:
-            raise
-        except Exception as err:  # noqa: BLE001 - any failure of user code stops the run, named
-            raise RewardError(f"{rf.where()}: raised {type(err).__name__}: {str(err)[:200]} on a batch of "
-                              f"{len(seqs)} completions ({_prompt_of(seqs, 0)})") from err
+        return call_user(rf.where(), rf.fn, seqs, **kwargs)
 
     def forward(self, seqs) -> RewardOutput:
         kwargs = {**seqs.column_lists(), "prompts": seqs.prompts, "completions": seqs.responses,
@@ -146,7 +174,7 @@ class RewardFunctions(nn.Module):
         invalid = torch.zeros(len(seqs), dtype=torch.bool)
         parts = {}
         for rf in self.functions:
-            values = check_values(rf, self.call(rf, seqs, kwargs), seqs, self.non_finite)
+            values = check_values(rf.where(), self.call(rf, seqs, kwargs), seqs, self.non_finite)
             bad, given = values.isinf(), ~values.isnan()
             invalid |= bad
             ok = given & ~bad

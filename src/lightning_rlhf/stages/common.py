@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.metrics import MetricsCSV, publish_metrics, read_csv, write_csv, write_json  # noqa: F401
+from lightning_rlhf.nonfinite import NonFiniteGuard
 from lightning_rlhf.strategies import make_strategy, resolve_precision
 
 
@@ -44,7 +45,8 @@ def build_trainer(cfg: RunConfig, folder: Path, name: str, max_epochs: int, call
         precision=resolve_precision(hw),
         max_epochs=max_epochs,
         logger=build_logger(cfg, folder, name),
-        callbacks=[MetricsCSV(folder / "metrics.csv"), *callbacks],
+        # the guard first: its train/skipped_steps is in the metrics MetricsCSV writes
+        callbacks=[NonFiniteGuard(cfg.trainer.max_consecutive_skips), MetricsCSV(folder / "metrics.csv"), *callbacks],
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),  # ours, never Lightning's default
         enable_progress_bar=cfg.trainer.enable_progress_bar,
         enable_model_summary=False,

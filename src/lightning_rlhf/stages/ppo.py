@@ -18,7 +18,7 @@ from lightning_rlhf.evaluation import evaluate_policy
 from lightning_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
 from lightning_rlhf.models.lora import build_policy_and_ref
 from lightning_rlhf.models.reward import FunctionReward, RewardModel
-from lightning_rlhf.rewards.functions import build_reward_functions, resolve_callable
+from lightning_rlhf.rewards.functions import CheckedReward, build_reward_functions, resolve_callable
 from lightning_rlhf.algorithms.online import OnlineRLModule
 from lightning_rlhf.checkpointing import IterationSampler, PPOCheckpoint, checkpoint_dir, config_hash, publish
 from lightning_rlhf.stages.base import Stage
@@ -36,11 +36,13 @@ def build_reward(cfg: RunConfig, policy_tokenizer, reward_path: str | None = Non
         return build_reward_functions(cfg.reward.functions, policy_tokenizer, cfg.reward.non_finite, reward_path,
                                       cfg.reward.micro_batch_size)
     if cfg.reward.type == "function":
-        return FunctionReward(resolve_callable(cfg.reward.fn))
+        where = f"reward.fn (_target_ {cfg.reward.fn['_target_']})"
+        return CheckedReward(FunctionReward(resolve_callable(cfg.reward.fn)), where, cfg.reward.non_finite)
     path = reward_path or cfg.reward.path
     rm_tokenizer = load_tokenizer(cfg.reward.tokenizer or path, key="reward.tokenizer")
     model = load_sequence_classifier(path, rm_tokenizer)
-    return RewardModel(model, rm_tokenizer, policy_tokenizer, cfg.reward.micro_batch_size)
+    return CheckedReward(RewardModel(model, rm_tokenizer, policy_tokenizer, cfg.reward.micro_batch_size),
+                         f"the reward model {path}", cfg.reward.non_finite)
 
 
 def prompt_texts(cfg: RunConfig, split: str, n: int, tokenizer=None) -> list[str]:
