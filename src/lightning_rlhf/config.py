@@ -9,6 +9,7 @@ Derived sizes are methods; nothing is written back into the config.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -37,8 +38,19 @@ def _looks_local(path: str) -> bool:
 
 
 def _check_model_path(key: str, path: Optional[str]) -> None:
-    if path and _looks_local(path):
-        _check(Path(path).expanduser().is_dir(), key, "model folder not found", path)
+    """A local model folder exists and is a Hugging Face model folder (config.json with a model_type)."""
+    if not (path and _looks_local(path)):
+        return
+    folder = Path(path).expanduser()
+    _check(folder.is_dir(), key, "model folder not found", path)
+    config = folder / "config.json"
+    _check(config.is_file(), key, "is a folder without config.json, not a Hugging Face model folder "
+           "(one that save_pretrained wrote)", path)
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ConfigError(f"{key}: {config} cannot be read as JSON ({err}) (got {path!r})") from None
+    _check(bool(model_type), key, f"{config} has no model_type, so transformers cannot tell the architecture", path)
 
 
 @dataclass

@@ -14,6 +14,7 @@ threads follow the cores the launcher gave it (launchers.py), before anything lo
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_rlhf import launchers
 from lightning_rlhf.config import ConfigError, RunConfig, validate
 
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("lightning_rlhf")
 
@@ -116,6 +118,13 @@ def check_launcher(cfg: RunConfig) -> None:
     launcher = OmegaConf.to_container(HydraConfig.get().launcher) if HydraConfig.initialized() else None
     hardware = dataclasses.asdict(cfg.hardware)
     launchers.check_job(hardware, launcher)
+    if cfg.hardware.accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"hardware.accelerator: {cfg.hardware.accelerator} needs a CUDA GPU, and this machine "
+                              f"has none that torch {torch.__version__} can use; run with hardware=cpu (got "
+                              f"hardware={cfg.hardware.name})")
     threads, source = launchers.job_threads(cfg.hardware.threads, launcher)
     if threads is not None:
         import torch
@@ -168,6 +177,10 @@ def run_job(cfg: DictConfig) -> Optional[float]:
             if isinstance(err, TrainingStopped):
                 print(f"training stopped: {err}", file=sys.stderr)
                 sys.exit(1)
+            if isinstance(err, OSError) and err.errno in DISK_ERRORS:  # a full or read-only disk, mid-run
+                print(f"error: cannot write {err.filename or 'to the run folder'}: {err.strerror or err} "
+                      f"(run folder {run_dir})", file=sys.stderr)
+                sys.exit(1)
             raise
         _record_failure(run_dir, err)
         return None
@@ -179,8 +192,16 @@ def run_job(cfg: DictConfig) -> Optional[float]:
 
 
 def main() -> None:
-    """`rlhf-train`: Hydra's command line. Every multirun ends with launchers.FailedJobs (exit 1 and the
-    list of failed jobs when one failed), a callback of conf/train.yaml."""
+    """`rlhf-train`: Hydra's command line, checked first (cli.py: a mistyped key or option, an output
+    folder that cannot be written: one line, exit 2). Every multirun ends with launchers.FailedJobs
+    (exit 1 and the list of failed jobs when one failed), a callback of conf/train.yaml."""
+    from lightning_rlhf.cli import check_command_line
+
+    try:
+        check_command_line(sys.argv[1:], CONF_DIR)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
     run_job()
 
 
