@@ -114,9 +114,11 @@ class RewardConfig:
     normalize: bool = False  # running mean/std normalisation of scores (global over ranks)
     missing_eos_penalty: Optional[float] = None  # added to the score of responses with no EOS
     micro_batch_size: int = 64
+    warn_zero_spread: int = 3  # warn (once) after this many iterations in a row of one score for the whole batch; 0 = off
 
     def check(self) -> None:
         _choice("reward.type", self.type, ("model", "function"))
+        _check(self.warn_zero_spread >= 0, "reward.warn_zero_spread", "must be >= 0", self.warn_zero_spread)
         if self.type == "function" and not self.functions:
             _check(isinstance(self.fn, dict) and "_target_" in self.fn, "reward.fn",
                    "reward.type=function needs reward.fn._target_ (a callable f(prompts, responses))", self.fn)

@@ -4,6 +4,8 @@ shards them in inference engines); sums and means over ranks; metrics handed to 
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import torch
 
@@ -12,6 +14,7 @@ from lightning_rlhf.metrics import publish_metrics
 from lightning_rlhf.strategies import prepare_frozen
 
 FROZEN_PREFIXES = ("ref_model.", "reward.")  # inference-only models: never checkpointed or optimised
+log = logging.getLogger("lightning_rlhf")
 
 
 class AlgorithmModule(L.LightningModule):
@@ -23,6 +26,7 @@ class AlgorithmModule(L.LightningModule):
         self.policy, self.tokenizer, self.cfg = policy, tokenizer, cfg
         self.__dict__["ref_model"] = ref_model.requires_grad_(False).eval()
         self.__dict__["reward"] = reward.requires_grad_(False).eval() if reward is not None else None
+        self._flat_iterations, self._warned_flat = 0, False
 
     def on_fit_start(self) -> None:
         self.__dict__["ref_model"] = prepare_frozen(self.trainer, self.ref_model)
@@ -48,6 +52,29 @@ class AlgorithmModule(L.LightningModule):
 
     def _global_mean(self, x: torch.Tensor) -> torch.Tensor:
         return self._global_sum(x) / self.trainer.world_size
+
+    def watch_reward_spread(self, scores: torch.Tensor) -> None:
+        """Warn once when every completion of the rollout batch (all ranks) got the same reward for
+        reward.warn_zero_spread iterations in a row: nothing can be learnt from that, and it usually
+        means a broken reward (e.g. a tokenizer that decodes to garbage). scores: (B,)."""
+        after = self.cfg.reward.warn_zero_spread
+        if not after or self._warned_flat:
+            return
+        s = scores.detach().double()
+        s = s[torch.isfinite(s)]
+        moments = torch.stack([torch.tensor(float(s.numel()), dtype=torch.float64, device=s.device), s.sum(),
+                               (s * s).sum()])
+        n, total, squares = self._global_sum(moments).tolist()
+        mean = total / max(n, 1.0)
+        flat = n > 0 and squares / n - mean * mean <= 1e-12 * max(1.0, mean * mean)
+        self._flat_iterations = self._flat_iterations + 1 if flat else 0
+        if self._flat_iterations >= after:
+            self._warned_flat = True
+            where = getattr(self.reward, "where", None) or "the reward"
+            log.warning("%s gave every completion of the rollout batch the same score (%.6g) for %d iterations in "
+                        "a row: nothing can be learnt from it. Check the reward (and that the tokenizer decodes the "
+                        "samples to real text: see samples.md); reward.warn_zero_spread=0 silences this",
+                        where, mean, self._flat_iterations)
 
     def publish(self, stats: dict[str, torch.Tensor], prog_bar: dict[str, str]) -> None:
         """Scalar stats -> their means over ranks (one all-reduce, one host sync) -> Lightning's callbacks,

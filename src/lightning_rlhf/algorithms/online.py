@@ -115,6 +115,7 @@ class OnlineRLModule(AlgorithmModule):
             if self.algo.zero_std == "filter":
                 exp, more = self.resample_zero_std_groups(exp, batch_idx)
                 stats |= more
+        self.watch_reward_spread(exp.scores)
         reward_kl_coef = self.kl_coef if self.algo.kl_placement == "reward" else 0.0
         exp = assign_advantages(exp, self.algo.estimator, reward_kl_coef, self.algo.group_size, self._all_reduce())
         stats["objective/rlhf_reward"] = rlhf_reward(exp, self.kl_coef)

@@ -231,6 +231,7 @@ class OnlineDPOModule(DPOModule):
             self.pairs.append((prompt, chosen, rejected))
             ref_logps.append(ref[g] if first_wins[g] else ref[g].flip(0))
         self.ref_logps = torch.stack(ref_logps)
+        self.watch_reward_spread(exp.scores)
         margin = (exp.scores[0::2] - exp.scores[1::2]).abs()
         return stats | {"rollout/pair_score_margin": margin.mean(), "rollout/tie_frac": (margin == 0).float().mean()}
 

@@ -159,6 +159,7 @@ class RewardFunctions(nn.Module):
         self.functions, self.non_finite = functions, non_finite
         # learned reward models are submodules: they move to the device with this module
         self.models = nn.ModuleList([rf.fn for rf in functions if isinstance(rf.fn, nn.Module)])
+        self.where = " + ".join(rf.where() for rf in functions)  # how messages name this reward
 
     def call(self, rf: RewardFunction, seqs, kwargs: dict) -> Any:
         if isinstance(rf.fn, nn.Module):
