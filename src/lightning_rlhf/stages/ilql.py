@@ -26,6 +26,7 @@ from lightning_rlhf.algorithms.preference import PairBatches
 from lightning_rlhf.checkpointing import IterationSampler, PPOCheckpoint, checkpoint_dir, config_hash, publish
 from lightning_rlhf.config import ConfigError, RunConfig
 from lightning_rlhf.data.prompts import encode_prompts, left_pad
+from lightning_rlhf.metrics import is_rank_zero
 from lightning_rlhf.models.loading import load_causal_lm
 from lightning_rlhf.models.lora import build_policy_and_ref
 from lightning_rlhf.models.reward import Sequences
@@ -93,7 +94,8 @@ def gold_scorer(cfg: RunConfig):
 
 # ---- evaluation, fit, save ---------------------------------------------------------------------------
 class SteeredEvalEvery(EvalEvery):
-    """EvalEvery for the steered policy at generation.ilql_beta (the module's heads steer the sampler)."""
+    """EvalEvery for the steered policy at generation.ilql_beta (the module's heads steer the sampler).
+    `run` repeats EvalEvery.run around another evaluation function (EvalEvery has no hook for one)."""
 
     def evaluate(self, beta: float) -> tuple[dict, list[dict]]:
         m = self.module
@@ -106,7 +108,8 @@ class SteeredEvalEvery(EvalEvery):
         metrics, samples = self.evaluate(self.module.cfg.generation.ilql_beta)
         self.history.append({"iteration": iteration, **metrics})
         self.samples[iteration] = samples
-        write_csv(self.folder / "eval.csv", self.history)
+        if is_rank_zero():  # every rank evaluates; one writes (as EvalEvery.run)
+            write_csv(self.folder / "eval.csv", self.history)
         for lg in self.loggers:
             if isinstance(lg, WandbStageLogger):
                 lg.log_at(metrics, iteration)
