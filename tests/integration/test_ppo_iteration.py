@@ -36,7 +36,7 @@ def _changed(before, module) -> set[str]:
 
 
 def test_one_ppo_iteration_trains_policy_only(tmp_path, tokenizer, tiny_lm):
-    cfg = tiny_run_config(reward={"type": "model", "path": str(tmp_path)}, loss={"kl_coef": 0.1})
+    cfg = tiny_run_config(loss={"kl_coef": 0.1})  # the reward model is built below, not loaded
     # make the value head non-trivial so its gradient flows into the trunk as well
     policy, ref = PolicyWithValueHead(tiny_lm), frozen_copy(tiny_lm)
     reward = RewardModel(sequence_classifier_from_causal_lm(tiny_lm, seed=1), tokenizer, tokenizer)
