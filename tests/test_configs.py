@@ -14,7 +14,8 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from lightning_rlhf.config import validate
-from lightning_rlhf.train import check_optimized_metric
+import lightning_rlhf
+from lightning_rlhf.train import CONF_DIR, check_optimized_metric
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -34,9 +35,16 @@ def _validate(cfg):
     return run_cfg
 
 
-def test_the_groups_link_to_the_experiment_and_sweep_folders():
-    assert (CONF / "experiment").resolve() == (ROOT / "experiments").resolve()
-    assert (CONF / "sweep").resolve() == (ROOT / "sweeps").resolve()
+def test_the_groups_live_in_the_package_and_the_checkout_links_to_them():
+    """The wheel carries conf/ (experiments and sweeps included); the checkout's conf/, sweeps/ and
+    experiments/NAME.yaml are links into it, so both views are the same files."""
+    package = Path(lightning_rlhf.__file__).resolve().parent
+    assert Path(CONF_DIR).resolve() == package / "conf" == CONF.resolve()
+    assert (ROOT / "sweeps").resolve() == package / "conf" / "sweep"
+    yamls = sorted((ROOT / "experiments").glob("*.yaml"))
+    assert yamls and all(p.resolve() == package / "conf" / "experiment" / p.name for p in yamls)
+    assert {p.stem for p in yamls} == {p.stem for p in (package / "conf" / "experiment").glob("*.yaml")}
+    assert all((ROOT / "experiments" / f"{p.stem}.md").exists() for p in yamls)
     assert {"kl_frontier", "seeds", "optuna_lr_kl"} <= set(SWEEPS)
 
 

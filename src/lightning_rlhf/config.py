@@ -775,6 +775,19 @@ def register_schemas() -> None:
 
 register_schemas()
 
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"  # shipped in the wheel beside conf/
+
+
+def example_path(relative: str) -> str:
+    """`${examples:data/hh_chat.jsonl}` in a config: the shipped example file, wherever the command runs."""
+    path = EXAMPLES_DIR / relative
+    if not path.exists():
+        raise ConfigError(f"${{examples:{relative}}}: no such example file in {EXAMPLES_DIR}")
+    return str(path)
+
+
+OmegaConf.register_new_resolver("examples", example_path, replace=True)
+
 
 def _format_omegaconf_error(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or "config"

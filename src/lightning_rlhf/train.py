@@ -30,7 +30,7 @@ from lightning_rlhf import launchers
 from lightning_rlhf.config import ConfigError, RunConfig, validate
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: a wheel carries its config groups
 log = logging.getLogger("lightning_rlhf")
 
 def _quiet_libraries() -> None:
