@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from lightning_rlhf.config import ConfigError
 
@@ -86,9 +86,12 @@ def _composition_error(err: Exception, entries: list[tuple[str, str, bool]]) -> 
     return None
 
 
-def check_command_line(args: list[str], conf_dir: str) -> None:
+def check_command_line(args: list[str], conf_dir: str, validate_job: Optional[Callable] = None) -> None:
     """Compose the run's config from `args` (rlhf-train's command line) before Hydra does; a mistake
-    it recognises raises ConfigError (one line, naming the key)."""
+    it recognises raises ConfigError (one line, naming the key). A single run's composed config (its
+    run_dir the folder it will have) also goes through `validate_job`, which raises ConfigError: every
+    config mistake is then reported before Hydra makes the run folder. A multirun's jobs are
+    validated one by one as they run (a failing job is recorded and the sweep goes on)."""
     if any(a.split("=", 1)[0] in HYDRA_FLAGS for a in args):
         return
     multirun = any(a in ("-m", "--multirun") for a in args)
@@ -127,21 +130,40 @@ def check_command_line(args: list[str], conf_dir: str) -> None:
         from omegaconf import OmegaConf
 
         known = list(_keys(OmegaConf.to_container(cfg, resolve=False)))
-        first = errors[0] + (_did_you_mean(missing[0], known) if missing and errors[0] == f"{missing[0]}: no such key"
-                             else "")
+        first = errors[0]
+        if missing and first == f"{missing[0]}: no such key":
+            parent, _, leaf = missing[0].rpartition(".")
+            grandparent = parent.rpartition(".")[0]
+            unset = parent and (OmegaConf.select(cfg, parent) is None) and (not grandparent or grandparent in known)
+            close = _did_you_mean(missing[0], known)
+            if unset and not close:  # e.g. reward.fn, which reward=learned does not set
+                plus = "" if parent in known else "+"
+                first = (f"{missing[0]}: {parent} is not set in this config, so it has no keys: set it whole "
+                         f"({plus}{parent}={{{leaf}:...}}) or pick a config group option that sets it")
+            else:
+                first += close
         more = f" (and {len(errors) - 1} more: {'; '.join(errors[1:])})" if len(errors) > 1 else ""
         raise ConfigError(first + more)
-    check_output_folder(cfg, multirun)
+    folder = check_output_folder(cfg, multirun)
+    if validate_job is not None and not multirun and folder is not None:
+        from omegaconf import OmegaConf, open_dict
+
+        with open_dict(cfg):
+            del cfg["hydra"]
+        cfg.run_dir = str(folder)
+        validate_job(OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
 
 
-def check_output_folder(cfg, multirun: bool) -> None:
-    """The run (or sweep) folder can be created and written, with some free space, before Hydra makes it."""
+def check_output_folder(cfg, multirun: bool) -> Optional[Path]:
+    """The run (or sweep) folder can be created and written, with some free space, before Hydra makes
+    it. -> the folder (None when only the job can resolve its name)."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:
         folder = Path(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)).expanduser()
     except Exception:  # noqa: BLE001 - an interpolation only the job can resolve: not ours to check
-        return
+        return None
     check_writable(key, folder)
+    return folder
 
 
 def check_writable(key: str, folder: Path) -> None:

@@ -118,6 +118,17 @@ def check_launcher(cfg: RunConfig) -> None:
     launcher = OmegaConf.to_container(HydraConfig.get().launcher) if HydraConfig.initialized() else None
     hardware = dataclasses.asdict(cfg.hardware)
     launchers.check_job(hardware, launcher)
+    check_accelerator(cfg)
+    threads, source = launchers.job_threads(cfg.hardware.threads, launcher)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+        log.info("torch threads per process: %d (%s)", threads, source)
+
+
+def check_accelerator(cfg: RunConfig) -> None:
+    """hardware=gpu on a machine without a CUDA GPU: ConfigError, before any stage."""
     if cfg.hardware.accelerator in ("gpu", "cuda"):
         import torch
 
@@ -125,12 +136,14 @@ def check_launcher(cfg: RunConfig) -> None:
             raise ConfigError(f"hardware.accelerator: {cfg.hardware.accelerator} needs a CUDA GPU, and this machine "
                               f"has none that torch {torch.__version__} can use; run with hardware=cpu (got "
                               f"hardware={cfg.hardware.name})")
-    threads, source = launchers.job_threads(cfg.hardware.threads, launcher)
-    if threads is not None:
-        import torch
 
-        torch.set_num_threads(threads)
-        log.info("torch threads per process: %d (%s)", threads, source)
+
+def validate_job(cfg: DictConfig) -> RunConfig:
+    """Everything that can be checked about a job's config before anything loads (ConfigError)."""
+    run_cfg = validate(cfg)
+    check_optimized_metric(run_cfg)
+    check_accelerator(run_cfg)
+    return run_cfg
 
 
 def _record_failure(folder: Path, err: BaseException) -> None:
@@ -198,7 +211,7 @@ def main() -> None:
     from lightning_rlhf.cli import check_command_line
 
     try:
-        check_command_line(sys.argv[1:], CONF_DIR)
+        check_command_line(sys.argv[1:], CONF_DIR, validate_job)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -139,7 +139,12 @@ class CheckedReward(nn.Module):
         self.inner, self.where, self.non_finite = reward, where, non_finite
 
     def forward(self, seqs):
-        values = check_values(self.where, call_user(self.where, self.inner, seqs, seqs), seqs, self.non_finite)
+        fn = getattr(self.inner, "fn", None)  # FunctionReward: its callable's own output, before any conversion
+        if callable(fn) and not isinstance(fn, nn.Module):
+            out = call_user(self.where, fn, seqs, seqs.prompts, seqs.responses)
+        else:
+            out = call_user(self.where, self.inner, seqs, seqs)
+        values = check_values(self.where, out, seqs, self.non_finite)
         device = seqs.input_ids.device
         if values.isnan().any() and self.non_finite == "error":
             i = int(values.isnan().nonzero()[0])
