@@ -199,3 +199,12 @@ def test_fill_invalid_uses_the_groups_valid_mean():
 def test_a_tensor_reward_is_a_reward_output():
     out = as_reward_output(torch.tensor([1.0, 2.0]))
     assert isinstance(out, RewardOutput) and out.valid is None and out.parts == {}
+
+
+def test_a_gold_scorer_gets_only_the_row_fields_it_takes():
+    from lightning_rlhf.rewards.functions import accepted_columns
+
+    columns = {"answer": ["1"], "completion": ["x"]}
+    assert accepted_columns(lambda prompts, responses: None, columns) == {}
+    assert accepted_columns(lambda prompts, responses, answer: None, columns) == {"answer": ["1"]}
+    assert accepted_columns(lambda prompts, responses, **kw: None, columns) == columns

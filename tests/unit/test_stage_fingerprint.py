@@ -39,3 +39,12 @@ def test_the_pipeline_chains_what_the_algorithm_stage_needs():
     assert [s.name for s in Pipeline().chain(learned)] == ["sft", "rm", "ppo"]
     rule = tiny_run_config(stage="pipeline")  # reward.type=function: no reward model to train
     assert [s.name for s in Pipeline().chain(rule)] == ["sft", "ppo"]
+
+
+def test_ilql_steering_does_not_change_the_reward_model_key_but_sampling_does():
+    base = tiny_run_config()
+    steered = tiny_run_config(generation={"ilql_beta": 8.0, "ilql_top_k": 5})
+    hotter = tiny_run_config(generation={"temperature": 0.7})
+    rm = RewardModelStage()
+    assert cache.stage_key(base, rm) == cache.stage_key(steered, rm)
+    assert cache.stage_key(base, rm) != cache.stage_key(hotter, rm)

@@ -224,8 +224,24 @@ def function_name(entry: dict) -> str:
     return entry.get("name") or entry["_target_"].rsplit(".", 1)[-1]
 
 
+def accepted_columns(fn: Callable, columns: dict[str, list]) -> dict[str, list]:
+    """The columns `fn` takes: all of them if it has **kwargs, else those it names (a scorer
+    f(prompts, responses) gets none, whatever fields the data rows carry)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: give it everything
+        return columns
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return columns
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in columns.items() if k in names}
+
+
 def call_scorer(fn: Callable, seqs) -> torch.Tensor:
-    """A gold scorer f(prompts, responses, **columns) on Sequences -> (B,) fp32 (None -> NaN)."""
-    values = fn(seqs.prompts, seqs.responses, **seqs.column_lists())
+    """A gold scorer f(prompts, responses, **columns) on Sequences -> (B,) fp32 (None -> NaN); it gets
+    the row fields it accepts (accepted_columns)."""
+    values = fn(seqs.prompts, seqs.responses, **accepted_columns(fn, seqs.column_lists()))
     return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
 

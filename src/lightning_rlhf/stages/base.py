@@ -38,6 +38,12 @@ class Stage:
         raise NotImplementedError
 
 
+def sampling_parts(cfg: RunConfig) -> dict:
+    """How the reward-model stage samples its pairs: the generation keys, less ILQL's steering (which
+    only the ILQL policy's evaluation uses)."""
+    return {k: v for k, v in dataclasses.asdict(cfg.generation).items() if not k.startswith("ilql_")}
+
+
 def _numerics(cfg: RunConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg.hardware).items() if k not in ("name", "threads")}
 
@@ -70,7 +76,7 @@ class RewardModelStage(SFTStage):
 
     def cache_parts(self, cfg):
         return super().cache_parts(cfg) | {"rm": dataclasses.asdict(cfg.trainer.rm),
-                                           "generation": dataclasses.asdict(cfg.generation)}
+                                           "generation": sampling_parts(cfg)}
 
     def run(self, cfg, folder, policy_path=None, **inputs):
         from lightning_rlhf.stages.rm import run_rm
