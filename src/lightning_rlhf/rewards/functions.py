@@ -138,6 +138,13 @@ class CheckedReward(nn.Module):
         super().__init__()
         self.inner, self.where, self.non_finite = reward, where, non_finite
 
+    def __getattr__(self, name: str):
+        """The wrapped reward's attributes (e.g. a RewardModel's tokenizer), as if unwrapped."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
+
     def forward(self, seqs):
         fn = getattr(self.inner, "fn", None)  # FunctionReward: its callable's own output, before any conversion
         if callable(fn) and not isinstance(fn, nn.Module):

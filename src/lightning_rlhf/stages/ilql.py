@@ -26,7 +26,6 @@ from lightning_rlhf.algorithms.preference import PairBatches
 from lightning_rlhf.checkpointing import IterationSampler, PPOCheckpoint, checkpoint_dir, config_hash, publish
 from lightning_rlhf.config import ConfigError, RunConfig
 from lightning_rlhf.data.prompts import encode_prompts, left_pad
-from lightning_rlhf.metrics import is_rank_zero
 from lightning_rlhf.models.loading import load_causal_lm
 from lightning_rlhf.models.lora import build_policy_and_ref
 from lightning_rlhf.models.reward import Sequences
@@ -94,30 +93,13 @@ def gold_scorer(cfg: RunConfig):
 
 # ---- evaluation, fit, save ---------------------------------------------------------------------------
 class SteeredEvalEvery(EvalEvery):
-    """EvalEvery for the steered policy at generation.ilql_beta (the module's heads steer the sampler).
-    `run` repeats EvalEvery.run around another evaluation function (EvalEvery has no hook for one)."""
+    """EvalEvery for the steered policy at generation.ilql_beta (the module's heads steer the sampler)."""
 
-    def evaluate(self, beta: float) -> tuple[dict, list[dict]]:
+    def evaluate(self, beta: float | None = None) -> tuple[dict, list[dict]]:
         m = self.module
+        beta = m.cfg.generation.ilql_beta if beta is None else beta
         return evaluate_steered(m.policy, m.heads, m.ref_model, m.reward, m.tokenizer, *self.eval_batch,
                                 m.cfg.generation, beta, self.gold_fn, columns=self.eval_columns)
-
-    def run(self, iteration: int) -> dict:
-        from lightning_rlhf.tracking import WandbStageLogger, log_samples
-
-        metrics, samples = self.evaluate(self.module.cfg.generation.ilql_beta)
-        self.history.append({"iteration": iteration, **metrics})
-        self.samples[iteration] = samples
-        if is_rank_zero():  # every rank evaluates; one writes (as EvalEvery.run)
-            write_csv(self.folder / "eval.csv", self.history)
-        for lg in self.loggers:
-            if isinstance(lg, WandbStageLogger):
-                lg.log_at(metrics, iteration)
-            else:
-                lg.log_metrics(metrics, step=iteration)
-        if any(isinstance(lg, WandbStageLogger) for lg in self.loggers) and self._tables(iteration):
-            log_samples([dict(s, iteration=iteration) for s in samples], iteration)
-        return metrics
 
 
 def save_steered_policy(policy, heads, tokenizer, path: Path) -> None:

@@ -92,9 +92,7 @@ class EvalEvery(L.Callback):
     def run(self, iteration: int) -> dict:
         from lightning_rlhf.tracking import WandbStageLogger, log_samples
 
-        m = self.module
-        metrics, samples = evaluate_policy(m.policy, m.ref_model, m.reward, m.tokenizer, *self.eval_batch,
-                                           m.cfg.generation, self.gold_fn, columns=self.eval_columns)
+        metrics, samples = self.evaluate()
         self.history.append({"iteration": iteration, **metrics})
         self.samples[iteration] = samples
         if is_rank_zero():  # every rank evaluates (the metrics are global); one writes
@@ -107,6 +105,12 @@ class EvalEvery(L.Callback):
         if any(isinstance(lg, WandbStageLogger) for lg in self.loggers) and self._tables(iteration):
             log_samples([dict(s, iteration=iteration) for s in samples], iteration)
         return metrics
+
+    def evaluate(self) -> tuple[dict, list[dict]]:
+        """One held-out evaluation of the module's policy -> (metrics, samples); subclasses evaluate otherwise."""
+        m = self.module
+        return evaluate_policy(m.policy, m.ref_model, m.reward, m.tokenizer, *self.eval_batch, m.cfg.generation,
+                               self.gold_fn, columns=self.eval_columns)
 
     def _tables(self, iteration: int) -> bool:
         return self.samples_every is None or iteration % self.samples_every == 0 or iteration == self.iterations
