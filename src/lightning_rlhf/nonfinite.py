@@ -54,7 +54,8 @@ class NonFiniteGuard(L.Callback):
             p.grad = None
         self._count(1, trainer)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def skipped_steps(self, trainer) -> int:
+        """Steps skipped so far, DeepSpeed's included (modules that publish their own metrics add it)."""
         if isinstance(trainer.strategy, DeepSpeedStrategy):
             engine_skipped = int(trainer.strategy.model.skipped_steps)  # DeepSpeedEngine's public counter
             new, self._engine_skipped = engine_skipped - self._engine_skipped, engine_skipped
@@ -62,7 +63,10 @@ class NonFiniteGuard(L.Callback):
                 self._count(new, trainer)
             else:
                 self.consecutive = 0
-        trainer.callback_metrics["train/skipped_steps"] = torch.tensor(float(self.skipped))
+        return self.skipped
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.callback_metrics["train/skipped_steps"] = torch.tensor(float(self.skipped_steps(trainer)))
 
     def _count(self, n: int, trainer) -> None:
         self.skipped += n

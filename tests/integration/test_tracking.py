@@ -110,7 +110,10 @@ def test_wandb_run_is_finished_with_exit_code_1_when_training_raises(tmp_path, n
     run_dir = tmp_path / "run"
     cfg = _cfg(tmp_path, run_dir, logger={"name": "wandb", "mode": "offline"},
                reward={"type": "function", "fn": {"_target_": "tests.integration.test_tracking.ExplodingReward"}})
-    with pytest.raises(RuntimeError, match="boom in the reward"):
+    from lightning_rlhf.rewards.functions import RewardError
+
+    with pytest.raises(RewardError, match=r"reward.fn \(_target_ tests.integration.test_tracking.ExplodingReward\): "
+                                          "raised RuntimeError: boom in the reward"):
         train(cfg)
     assert tracking.active_run() is None
     (folder,) = offline_runs(run_dir)

@@ -11,6 +11,7 @@ import torch
 
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.metrics import publish_metrics
+from lightning_rlhf.nonfinite import NonFiniteGuard
 from lightning_rlhf.strategies import prepare_frozen
 
 FROZEN_PREFIXES = ("ref_model.", "reward.")  # inference-only models: never checkpointed or optimised
@@ -79,6 +80,9 @@ class AlgorithmModule(L.LightningModule):
     def publish(self, stats: dict[str, torch.Tensor], prog_bar: dict[str, str]) -> None:
         """Scalar stats -> their means over ranks (one all-reduce, one host sync) -> Lightning's callbacks,
         progress bar (`prog_bar`: shown name -> key) and loggers: what sync_dist=True would log."""
+        guard = next((c for c in self.trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
+        if guard is not None:  # the same value on every rank: its mean is itself
+            stats = {**stats, "train/skipped_steps": torch.tensor(float(guard.skipped_steps(self.trainer)))}
         # some stats are host scalars (timings, the KL coefficient): all go to the module's device first
         values = torch.stack([v.detach().to(self.device, torch.float32).reshape(()) for v in stats.values()])
         publish_metrics(self.trainer, dict(zip(stats, self._global_mean(values).tolist())), prog_bar=prog_bar)
