@@ -151,3 +151,21 @@ def test_the_saved_policy_steers_transformers_generate_as_our_sampler_does(tmp_p
     steered = theirs(3.0)
     assert steered == ours(3.0)
     assert theirs(0.0) == ours(0.0) != steered  # beta = 0: the LM's own greedy choice, which steering changes
+
+
+def test_ilql_run_is_tracked_by_wandb_offline(tmp_path):
+    """logger=wandb (offline, no key): the ILQL stage's training losses and held-out evaluations reach the
+    run, as they do for the other algorithms, and the run finishes with exit code 0."""
+    from tests.integration.wandb_records import offline_runs, read_offline_run
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_BASE_URL")}
+    env |= {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "NETRC": str(tmp_path / "no-netrc"),
+            "PYTHONPATH": str(ROOT), "LIGHTNING_RLHF_CACHE": str(tmp_path / "cache")}
+    args = [a for a in TINY if a != "logger=none"] + ["logger=wandb", "logger.mode=offline", "stage=pipeline"]
+    res = subprocess.run([RLHF_TRAIN, f"hydra.run.dir={tmp_path / 'run'}", *args], capture_output=True, text=True,
+                         timeout=600, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = [read_offline_run(f) for f in offline_runs(tmp_path / "run")]
+    assert runs and all(r.exit_code == 0 for r in runs)
+    history = [row for r in runs for row in r.history]
+    assert any("loss/q" in row for row in history) and any("val/gold_score" in row for row in history)
