@@ -509,8 +509,14 @@ class RMTrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     init: str = "policy"  # policy: start from the SFT model's weights | config: fresh model.config
+    # review world: the simulated labeller's judgement, {_target_: f(texts) -> scores} of whole reviews (its
+    # Bradley-Terry noise is label_temperature); null: VADER's compound (data.reviews.gold_score). The
+    # grammar-aware one: {_target_: lightning_rlhf.data.reviews.grammar_gold_score}
+    labeller: Optional[Any] = None
 
     def check(self) -> None:
+        if self.labeller is not None:
+            _check_target("trainer.rm.labeller", self.labeller)
         for key in ("num_pairs", "epochs", "batch_size"):
             _check(getattr(self, key) > 0, f"trainer.rm.{key}", "must be > 0", getattr(self, key))
         _check(0.0 < self.heldout_fraction < 1.0, "trainer.rm.heldout_fraction", "must be in (0, 1)",

@@ -1,7 +1,7 @@
 """Reward-model stage: Bradley-Terry training on preference pairs; reports held-out pairwise accuracy.
 
 For the embedded review world the pairs are two samples of the SFT policy for one prompt, labelled
-by a simulated noisy human (VADER compound + Bradley-Terry sampling). With data.source=files they are
+by a simulated noisy human (VADER compound, or trainer.rm.labeller's judgement, + Bradley-Terry sampling). With data.source=files they are
 the (prompt, chosen, rejected) rows of data.preferences, each side encoded like an SFT demonstration.
 """
 
@@ -47,10 +47,14 @@ def sample_pairs(lm, tokenizer, prompts: list[str], cfg: RunConfig, batch_size: 
 def label_pairs(pairs, cfg: RunConfig):
     """-> (chosen_ids, rejected_ids, gold_margin) triples labelled by the simulated human."""
     from lightning_rlhf.data.reviews import gold_score, label_preferences
+    from lightning_rlhf.rewards.functions import resolve_callable
 
+    rm_cfg = cfg.trainer.rm
+    score = gold_score if rm_cfg.labeller is None else resolve_callable(rm_cfg.labeller)  # trainer.rm.labeller
     a_texts, b_texts = [p[2] for p in pairs], [p[3] for p in pairs]
-    prefs = label_preferences(a_texts, b_texts, seed=cfg.seed, temperature=cfg.trainer.rm.label_temperature)
-    gold_a, gold_b = gold_score(a_texts), gold_score(b_texts)
+    gold_a, gold_b = list(score(a_texts)), list(score(b_texts))
+    prefs = label_preferences(a_texts, b_texts, seed=cfg.seed, temperature=rm_cfg.label_temperature,
+                              scores=(gold_a, gold_b))
     out = []
     for (ids_a, ids_b, _, _), a_wins, ga, gb in zip(pairs, prefs, gold_a, gold_b):
         out.append((ids_a, ids_b, ga - gb) if a_wins else (ids_b, ids_a, gb - ga))
