@@ -72,7 +72,7 @@ def worker(model: str, setup: str, iterations: int, warmup: int, accelerator: st
         "stage": "ppo", "seed": 0, "run_dir": str(out),
         "model": {"tokenizer": "reviews", "config": {"model_type": "llama", "max_position_embeddings": 128,
                                                      "tie_word_embeddings": True, **MODELS[model]}},
-        "reward": {"type": "model", "path": str(out)},
+        "reward": {"type": "function", "fn": {"_target_": "lightning_rlhf.data.reviews.VaderReward"}},  # built below
         "data": {"num_prompts": 512, "max_prompt_len": 16},
         "generation": {"max_new_tokens": work["new_tokens"]},
         "trainer": {"ppo": {"iterations": warmup + iterations, "rollout_batch_size": per_rank,

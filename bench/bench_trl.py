@@ -197,7 +197,9 @@ def our_config(s: common.Settings, iterations: int, folder: Path):
     settings = {
         "stage": "ppo", "seed": s.seed,
         "model": {"tokenizer": "reviews", "config": {"model_type": "llama"}},  # built in run_ours, from common
-        "reward": {"type": "model", "path": str(folder), "micro_batch_size": 64},
+        # the reward model is built in run_ours (common.reward_model); the config only needs a valid reward
+        "reward": {"type": "function", "fn": {"_target_": "lightning_rlhf.data.reviews.VaderReward"},
+                   "micro_batch_size": 64},
         "generation": {"max_new_tokens": s.response_length, "temperature": s.temperature, "top_k": 0, "top_p": 1.0},
         "loss": {"clip_eps": 0.2, "value_clip_eps": 0.2, "vf_coef": 0.1, "entropy_coef": 0.0, "kl_coef": s.kl_coef,
                  "kl_target": None, "kl_estimator": "k1", "gamma": 1.0, "lam": 0.95, "whiten_advantages": True},
@@ -393,7 +395,7 @@ def our_dpo_config(s: common.Settings, folder: Path):
     settings = {
         "seed": s.seed,
         "model": {"tokenizer": "reviews", "config": {"model_type": "llama"}},  # built in run_ours_dpo, from common
-        "reward": {"type": "model", "path": str(folder)},  # only the stage's evaluations use it: the benchmark has none
+        "reward": {"type": "function", "fn": {"_target_": "lightning_rlhf.data.reviews.VaderReward"}},  # the benchmark has no evaluations
         "generation": {"temperature": 1.0},  # DPO's log-probs at temperature 1 (TRL's DPO has no temperature)
         "trainer": {"dpo": {"epochs": 1, "batch_size": s.minibatch_size(), "micro_batch_size": s.minibatch_size(),
                             "lr": s.lr, "max_grad_norm": GROUP_MAX_GRAD_NORM,
