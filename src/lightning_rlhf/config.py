@@ -379,6 +379,10 @@ class AlgorithmConfig:
     target_sync_every: int = 5
     num_q_heads: int = 2  # Q heads (min over their targets)
     scorer: str = "reward"  # review world: score the SFT samples with the run's reward (the learned RM) | gold
+    # best-of-n (algorithm=best_of_n): completions sampled per held-out prompt (the proxy's best one is kept), and
+    # the fresh SFT samples per prompt that estimate the proxy reward's CDF for the measured KL (stages/best_of_n.py)
+    n: int = 16
+    kl_samples: int = 128
     stage: Any = field(default_factory=lambda: {"_target_": "lightning_rlhf.stages.ppo.OnlineRLStage"})  # stage=ppo
 
     def clip_range(self, loss: "LossConfig") -> tuple[float, float]:
@@ -424,6 +428,8 @@ class AlgorithmConfig:
         _check(self.num_q_heads >= 1, "algorithm.num_q_heads", "must be >= 1", self.num_q_heads)
         _choice("algorithm.scorer", self.scorer, ("reward", "gold"))
         _check(self.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds", "must be >= 1", self.max_sampling_rounds)
+        _check(self.n >= 1, "algorithm.n", "must be >= 1", self.n)
+        _check(self.kl_samples >= 1, "algorithm.kl_samples", "must be >= 1", self.kl_samples)
         if self.is_group_estimator() or self.zero_std == "filter":
             _check(self.group_size >= 2, "algorithm.group_size",
                    "a group baseline (or zero_std=filter) needs at least 2 samples per prompt", self.group_size)
@@ -513,6 +519,9 @@ class RMTrainConfig:
     # Bradley-Terry noise is label_temperature); null: VADER's compound (data.reviews.gold_score). The
     # grammar-aware one: {_target_: lightning_rlhf.data.reviews.grammar_gold_score}
     labeller: Optional[Any] = None
+    # init=config: the keys of model.config to change for the reward model (its own width/depth, e.g.
+    # {hidden_size: 32, num_hidden_layers: 1}); null: model.config as it is
+    config: Optional[dict] = None
 
     def check(self) -> None:
         if self.labeller is not None:
@@ -524,6 +533,8 @@ class RMTrainConfig:
         _check(self.label_temperature > 0, "trainer.rm.label_temperature", "must be > 0", self.label_temperature)
         _check(self.lr > 0, "trainer.rm.lr", "must be > 0", self.lr)
         _choice("trainer.rm.init", self.init, ("policy", "config"))
+        _check(self.config is None or self.init == "config", "trainer.rm.config",
+               "changes model.config for a fresh reward model: set trainer.rm.init=config", self.config)
 
 
 @dataclass
@@ -793,6 +804,8 @@ def example_path(relative: str) -> str:
 
 
 OmegaConf.register_new_resolver("examples", example_path, replace=True)
+# `${div:1,${algorithm.n}}` in a config: one sweep knob read two ways (sweeps/overoptimisation.yaml)
+OmegaConf.register_new_resolver("div", lambda a, b: float(a) / float(b), replace=True)
 
 
 def _format_omegaconf_error(err: OmegaConfBaseException) -> str:

@@ -141,7 +141,7 @@ def run_rm(cfg: RunConfig, folder: Path, policy_path: str | None = None) -> dict
     if rm_cfg.init == "policy":
         model = sequence_classifier_from_causal_lm(lm, cfg.seed)
     else:
-        fresh = dataclasses.replace(model_cfg, name_or_path=None, config=cfg.model.config)
+        fresh = dataclasses.replace(model_cfg, name_or_path=None, config={**cfg.model.config, **(rm_cfg.config or {})})
         model = sequence_classifier_from_causal_lm(load_causal_lm(fresh, tokenizer, cfg.seed + 1), cfg.seed)
     model.config.pad_token_id = tokenizer.pad_token_id
     collate = lambda r: collate_pairs(r, tokenizer.pad_token_id)  # noqa: E731
