@@ -352,7 +352,9 @@ def plot_over_completions(jobs: list[dict], swept: list[str], out: Path, key: st
     return _finish(fig, ax, out)
 
 
-def report_sweep(sweep_dir: Path, out_dir: Path) -> str:
+def report_sweep(sweep_dir: Path, out_dir: Path, fits: bool = False) -> str:
+    """report.md, results.csv and the plots of a sweep; with `fits` (or any best-of-n job in it) also Gao et
+    al.'s over-optimisation fits (gao_section)."""
     import csv
 
     jobs, swept = collect_sweep(sweep_dir)
@@ -385,7 +387,171 @@ def report_sweep(sweep_dir: Path, out_dir: Path) -> str:
         text += f"\n![reward vs KL]({frontier.name})\n"
     if over_completions:
         text += f"\n![held-out score over completions sampled]({over_completions.name})\n"
+    if fits or any(j["summary"].get("algorithm") == "best_of_n" for j in jobs):
+        text += gao_section(jobs, swept, out_dir)
     (out_dir / "report.md").write_text(text)
+    return text
+
+
+# ---- reward over-optimisation: Gao, Schulman and Hilton (2022)'s functional forms ----------------------
+GAO_FORMS = {  # method -> (name, the form's two basis functions of d = sqrt(KL), the curve R(d) = a f(d) - b g(d))
+    "rl": ("d (alpha - beta log d)", lambda d: d, lambda d: d * _safe_log(d)),
+    "bon": ("d (alpha - beta d)", lambda d: d, lambda d: d * d),
+}
+BUDGET_KEYS = ("loss.kl_coef", "algorithm.n", "algorithm.beta")  # a method's optimisation budget, not a setting
+
+
+def _safe_log(d):
+    import numpy as np
+
+    d = np.asarray(d, dtype=float)
+    return np.log(np.where(d > 0, d, 1.0))  # d log d -> 0 at d = 0
+
+
+def fit_gao(d, gain, form: str) -> dict:
+    """Least squares of a reward gain over the initial policy, R(d) = d (alpha - beta log d) (form "rl") or
+    d (alpha - beta d) ("bon"), at d = sqrt(KL) >= 0. Both are linear in (alpha, beta): R = alpha f(d) - beta g(d)
+    is solved with numpy lstsq; the standard errors are the square roots of the diagonal of
+    s^2 (X^T X)^-1, s^2 = RSS / (points - 2). -> {alpha, beta, alpha_se, beta_se, points, rss, d_peak, peak}:
+    d_peak, peak: where the fitted curve turns over and its value there (None when it never does: beta <= 0)."""
+    import numpy as np
+
+    _, f, g = GAO_FORMS[form]
+    d, y = np.asarray(d, dtype=float), np.asarray(gain, dtype=float)
+    X = np.stack([f(d), -g(d)], axis=1)
+    coef, _, rank, _ = np.linalg.lstsq(X, y, rcond=None)
+    alpha, beta = (float(c) for c in coef)
+    rss = float(((X @ coef - y) ** 2).sum())
+    se = (math.nan, math.nan)
+    if len(d) > 2 and rank == 2:
+        cov = rss / (len(d) - 2) * np.linalg.inv(X.T @ X)
+        se = (float(math.sqrt(cov[0, 0])), float(math.sqrt(cov[1, 1])))
+    d_peak = None
+    if beta > 1e-12 * max(abs(alpha), 1.0):  # dR/dd = 0 (a beta at rounding level: no turn-over)
+        exponent = alpha / beta - 1.0
+        if form == "bon":
+            d_peak = alpha / (2.0 * beta)
+        elif exponent < 50:  # beyond: no turn-over at any KL a run reaches
+            d_peak = math.exp(exponent)
+    out = {"alpha": alpha, "beta": beta, "alpha_se": se[0], "beta_se": se[1], "points": len(d), "rss": rss,
+           "d_peak": d_peak, "peak": None}
+    if d_peak is not None and d_peak > 0:
+        out["peak"] = float(gao_curve(out, form, [d_peak])[0])
+    return out
+
+
+def gao_curve(fit: dict, form: str, d):
+    """The fitted R(d) at the points d."""
+    import numpy as np
+
+    _, f, g = GAO_FORMS[form]
+    d = np.asarray(d, dtype=float)
+    return fit["alpha"] * f(d) - fit["beta"] * g(d)
+
+
+def gao_points(job: dict) -> list[dict]:
+    """A job's (d, gold gain, proxy gain) points: a best-of-n job's one point at d = sqrt(analytic KL) (Gao et
+    al.'s), an RL job's every held-out evaluation (eval.csv; KL clipped at 0), gains over its first one."""
+    s = job["summary"]
+    if s.get("algorithm") == "best_of_n":
+        kl = s.get("kl_analytic", s.get("best_of_n_kl_analytic"))
+        if kl is None or s.get("gold_score_final") is None:
+            return []
+        return [{"d": math.sqrt(max(kl, 0.0)), "gold": s["gold_score_final"] - s["gold_score_sft"],
+                 "proxy": s["proxy_reward_final"] - s["proxy_reward_sft"], "kl_measured": s.get("kl_final")}]
+    path = Path(job["dir"]) / "eval.csv"
+    rows = read_csv(path) if path.exists() else []
+    if not rows or "val/gold_score" not in rows[0]:
+        return []
+    first = rows[0]
+    return [{"d": math.sqrt(max(r["val/kl"], 0.0)), "gold": r["val/gold_score"] - first["val/gold_score"],
+             "proxy": r["val/proxy_reward"] - first["val/proxy_reward"]} for r in rows]
+
+
+def gao_fits(jobs: list[dict], swept: list[str]) -> list[dict]:
+    """One fit per (proxy setting: the swept keys but seeds and budgets, method, score): the points of every
+    completed job of that setting and method (all seeds, all budgets). -> [{proxy, method, form, score, points
+    (list), fit}]."""
+    proxy_keys = [k for k in swept if k not in SEED_KEYS and k not in BUDGET_KEYS and k != "algorithm"]
+    groups: dict[tuple, list[dict]] = {}
+    for j in jobs:
+        if j["status"] != "completed" or not j["summary"].get("algorithm"):
+            continue
+        method = j["summary"]["algorithm"]
+        key = (_setting_label({k: j["params"].get(k) for k in proxy_keys}) or "proxy", method)
+        groups.setdefault(key, []).extend(gao_points(j))
+    fits = []
+    for (proxy, method), points in sorted(groups.items()):
+        form = "bon" if method == "best_of_n" else "rl"
+        if len(points) < 3:
+            continue
+        for score in ("gold", "proxy"):
+            fit = fit_gao([p["d"] for p in points], [p[score] for p in points], form)
+            fits.append({"proxy": proxy, "method": method, "form": form, "score": score, "points": points,
+                         "fit": fit})
+    return fits
+
+
+def _pm(value, se) -> str:
+    return "-" if value is None else (f"{value:.3f}" if se is None or not math.isfinite(se) else f"{value:.3f} ± {se:.3f}")
+
+
+def gao_table(fits: list[dict]) -> str:
+    """Markdown: the fitted coefficients with their standard errors, and where each curve turns over."""
+    lines = ["| proxy | method | score | form | alpha | beta | points | turn-over d (KL) | R there |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for f in fits:
+        fit = f["fit"]
+        peak = "-" if fit["d_peak"] is None else f"{fit['d_peak']:.2f} ({fit['d_peak'] ** 2:.1f})"
+        lines.append(f"| {f['proxy']} | {f['method']} | {f['score']} | {GAO_FORMS[f['form']][0]} | "
+                     f"{_pm(fit['alpha'], fit['alpha_se'])} | {_pm(fit['beta'], fit['beta_se'])} | {fit['points']} | "
+                     f"{peak} | {_pm(fit['peak'], None)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_gao(fits: list[dict], out: Path) -> Optional[Path]:
+    """Gold and proxy gains against d = sqrt(KL): one row per proxy setting, the gold and the proxy side by side,
+    one colour per method, its points and its fitted curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    proxies = list(dict.fromkeys(f["proxy"] for f in fits))
+    if not proxies:
+        return None
+    fig, axes = plt.subplots(len(proxies), 2, figsize=(10, 3.4 * len(proxies)), dpi=120, squeeze=False)
+    methods = list(dict.fromkeys(f["method"] for f in fits))
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    for row, proxy in zip(axes, proxies):
+        for ax, score in zip(row, ("gold", "proxy")):
+            for f in (f for f in fits if f["proxy"] == proxy and f["score"] == score):
+                ds = [p["d"] for p in f["points"]]
+                ax.plot(ds, [p[score] for p in f["points"]], "o", ms=3, alpha=0.5, color=colours[f["method"]])
+                grid = np.linspace(0.0, max(ds) * 1.05, 100)
+                fit = f["fit"]
+                ax.plot(grid, gao_curve(fit, f["form"], grid), "-", color=colours[f["method"]],
+                        label=f"{f['method']}: alpha {fit['alpha']:.2f}, beta {fit['beta']:.2f}")
+            ax.axhline(0.0, ls="--", color="gray", lw=1)
+            ax.set(title=f"{score} gain over the SFT policy ({proxy})", xlabel="d = sqrt(KL to the SFT policy)",
+                   ylabel=f"{score} - {score} of SFT")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def gao_section(jobs: list[dict], swept: list[str], out_dir: Path) -> str:
+    """The over-optimisation section of a sweep's report: the fits' table and plot ("" without enough points)."""
+    fits = gao_fits(jobs, swept)
+    if not fits:
+        return ""
+    plot = plot_gao(fits, out_dir / "gao_fits.png")
+    text = ("\n## Over-optimisation fits (Gao et al. 2022)\n\nGains over the SFT policy against d = sqrt(KL): RL "
+            "(every held-out evaluation of each run; KL measured) fitted by d (alpha - beta log d), best-of-n (KL "
+            "analytic, log n - (n-1)/n) by d (alpha - beta d); least squares, ± one standard error.\n\n" + gao_table(fits))
+    if plot:
+        text += f"\n![gold and proxy gains against sqrt(KL), fitted]({plot.name})\n"
     return text
 
 
@@ -422,6 +588,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-report", description=main.__doc__)
     parser.add_argument("path", type=Path, help="a run folder or a sweep (multirun) folder")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: PATH/report)")
+    parser.add_argument("--fits", action="store_true", help="a sweep: fit Gao et al.'s over-optimisation forms "
+                        "(automatic when it has best-of-n jobs)")
     args = parser.parse_args(argv)
     path = args.path
     if not path.is_dir():
@@ -431,7 +599,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if (path / "summary.json").exists() and not is_sweep_dir(path):
         text = report_run(path, out)
     elif is_sweep_dir(path):
-        text = report_sweep(path, out)
+        text = report_sweep(path, out, fits=args.fits)
     else:
         print(f"rlhf-report: {path}: neither a run folder (summary.json) nor a sweep folder (job folders with "
               ".hydra/)", file=sys.stderr)
