@@ -153,3 +153,17 @@ def test_kl_frontier_sweeps_kl_coefficients_and_seeds_on_the_default_task():
     assert len(_candidates("loss.kl_coef", params["loss.kl_coef"])) >= 4
     assert len(_candidates("seed", str(params["seed"]))) >= 3
     assert cfg.stage == "pipeline"
+
+
+def test_overoptimisation_sweeps_proxy_sizes_ppo_and_best_of_n_with_the_grammar_aware_gold():
+    cfg = _compose("sweep=overoptimisation", hydra=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params) == {"trainer.rm.num_pairs", "algorithm", "algorithm.n", "seed"}
+    assert _candidates("algorithm", params["algorithm"]) == ["ppo", "best_of_n"]
+    assert len(_candidates("seed", str(params["seed"]))) >= 3
+    for name in ("ppo", "best_of_n"):
+        run_cfg = _validate(_compose("sweep=overoptimisation", f"algorithm={name}", "algorithm.n=8"))
+        assert run_cfg.algorithm.n == 8 and run_cfg.loss.kl_coef == 0.0625  # one knob: PPO reads 0.5 / n
+        assert run_cfg.data.gold["_target_"].endswith("reviews.GrammarGold")
+        assert run_cfg.trainer.rm.labeller["_target_"].endswith("reviews.grammar_gold_score")
+    assert _validate(_compose()).trainer.rm.labeller is None  # not the default yet
