@@ -205,9 +205,15 @@ class ZeroStrategy(DeepSpeedStrategy):
         micro-batch's gradient and ZeRO-2 carries gradients over into the next optimizer step.
         Gradients accumulate locally and are reduced in step() (managed_gradient_accumulation=false).
         """
-        optimizer = getattr(self.deepspeed_engine, "optimizer", None)
-        if hasattr(optimizer, "clear_backward_seen_flag"):
-            optimizer.clear_backward_seen_flag()
+        optimizer = self.deepspeed_engine.optimizer
+        clear = getattr(optimizer, "clear_backward_seen_flag", None)
+        if clear is None:  # never skip it silently: ZeRO would then keep or carry the wrong gradients
+            import deepspeed
+
+            raise RuntimeError(f"DeepSpeed {deepspeed.__version__}: {type(optimizer).__name__} has no "
+                               "clear_backward_seen_flag(), which gradient accumulation under ZeRO relies on here "
+                               "(tested with the version in constraints.txt; tests/unit/test_private_apis.py)")
+        clear()
         yield
 
     @contextmanager
