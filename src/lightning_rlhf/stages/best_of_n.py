@@ -1,7 +1,8 @@
 """The best-of-n stage (algorithm=best_of_n): no training. For each held-out prompt, n completions are
 sampled from the SFT policy and the one the proxy reward (the learned reward model) scores highest is
-kept; the gold score and proxy reward of the kept ones are the stage's "final" numbers, those of a
-plain SFT sample (the first of the n) its "initial" ones, as the other algorithms report them.
+kept; the gold score and proxy reward of the kept ones are the stage's "final" numbers, their means over
+all n samples (plain SFT samples: the SFT policy's, with n times the samples of one) its "initial"
+ones, as the other algorithms report them.
 
 KL(best-of-n || SFT policy), per prompt. Analytic: log n - (n - 1) / n, exact when no two samples tie in
 reward. Measured (`kl_final`): the best-of-n policy picks completion y with probability
@@ -104,7 +105,7 @@ def run_best_of_n(cfg: RunConfig, folder: Path, policy_path: str | None = None,
     initial = [r[0] for r in pool["records"]]
     final = [pool["records"][i][int(b)] for i, b in enumerate(best)]
     result = {
-        "proxy_reward_initial": float(pool["proxy"][:, 0].mean()),
+        "proxy_reward_initial": float(pool["proxy"].mean()),
         "proxy_reward_final": float(kept.mean()),
         "kl_final": float(kl.mean()),
         "kl_analytic": analytic_kl(n),
@@ -113,7 +114,7 @@ def run_best_of_n(cfg: RunConfig, folder: Path, policy_path: str | None = None,
         "algorithm": cfg.algorithm.name,
     }
     if pool["gold"] is not None:
-        result |= {"gold_score_initial": float(pool["gold"][:, 0].nanmean()),
+        result |= {"gold_score_initial": float(pool["gold"].nanmean()),
                    "gold_score_final": float(pool["gold"][rows, best].nanmean())}
     # the pipeline's summary passes the final stage's <algorithm>_ keys through
     result |= {f"{cfg.algorithm.name}_n": n, f"{cfg.algorithm.name}_kl_analytic": result["kl_analytic"],
