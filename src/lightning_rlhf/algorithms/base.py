@@ -87,6 +87,14 @@ class AlgorithmModule(L.LightningModule):
         values = torch.stack([v.detach().to(self.device, torch.float32).reshape(()) for v in stats.values()])
         publish_metrics(self.trainer, dict(zip(stats, self._global_mean(values).tolist())), prog_bar=prog_bar)
 
+    def step_optimizer(self, opt, max_grad_norm) -> None:
+        """Clip the accumulated gradients (when max_grad_norm is set), step and zero them. A step whose loss
+        or gradient norm is not finite is skipped by nonfinite.NonFiniteGuard, a callback of every Trainer."""
+        if max_grad_norm is not None:
+            self.clip_gradients(opt, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     # ---- checkpoints: the frozen models are rebuilt from their folders, never saved --------------
     def state_dict(self, *args, **kwargs):
         state = super().state_dict(*args, **kwargs)

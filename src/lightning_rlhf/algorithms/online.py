@@ -195,10 +195,7 @@ class OnlineRLModule(AlgorithmModule):
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v * share
                 count += 1
-                if ppo.max_grad_norm is not None:
-                    self.clip_gradients(opt, gradient_clip_val=ppo.max_grad_norm, gradient_clip_algorithm="norm")
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                self.step_optimizer(opt, ppo.max_grad_norm)
             if loss_cfg.early_stop_kl is not None:  # decided on the global mean: every rank stops together
                 approx_kl = self._global_mean(sums["policy/approx_kl"] / count)
                 if float(approx_kl) > loss_cfg.early_stop_kl:

@@ -167,10 +167,7 @@ class DPOModule(AlgorithmModule):
                 self.manual_backward(loss * (len(index) * world / n_global))
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v * (len(index) / len(pairs))
-        if max_grad_norm is not None:
-            self.clip_gradients(opt, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.step_optimizer(opt, max_grad_norm)
         return sums
 
     def training_step(self, batch: torch.Tensor, batch_idx: int):
