@@ -22,7 +22,8 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not distributed"
 
-bench: setup  # lightning-rlhf vs TRL: GRPO, RLOO, DPO, then PPO side by side (~4 min); see bench/RESULTS.md
+bench: setup  # the roofline fractions (~20 s), then lightning-rlhf vs TRL: GRPO, RLOO, DPO, PPO side by side (~4 min); see bench/RESULTS.md
+	$(PY) bench/roofline.py
 	$(PY) bench/bench_trl.py
 
 clean:

@@ -103,3 +103,17 @@ def test_bench_trl_quick_runs_every_comparison_and_ends_with_the_ppo_speedup(tmp
     losses = [dpo[side]["last_loss"] for side in SIDES["dpo"]]
     assert max(losses) - min(losses) < 1e-4 and 0 < losses[0] < 1, losses
     assert sum(line.startswith("same pairs, same updates: ") for line in lines) == 1
+
+
+def test_roofline_counts_the_matmul_weights_of_a_llama():
+    """bench/roofline.py's N: every 2-D weight a token multiplies, the tied LM head once, not the lookup."""
+    sys.path.insert(0, str(Path(SCRIPT).parent))
+    import roofline
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d, i, layers, vocab = 16, 40, 2, 50
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=i, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    kv = d * 2 // 4  # two of four heads' width for k and v
+    per_layer = d * d + 2 * d * kv + d * d + 3 * d * i  # q, k, v, o, gate, up, down
+    assert roofline.matmul_params(lm) == layers * per_layer + vocab * d
