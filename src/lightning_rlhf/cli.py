@@ -120,7 +120,7 @@ def check_command_line(args: list[str], conf_dir: str, validate_job: Optional[Ca
         return
     for group, values in sweeps.items():  # a swept config group: every option, not just the first
         folder = Path(conf_dir) / group
-        if not errors and folder.is_dir():
+        if not errors and folder.is_dir() and not group.startswith("hydra"):  # hydra/*: plugins add options
             options = sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "schema")
             for value in values:
                 if value not in options:
