@@ -477,11 +477,13 @@ def gao_fits(jobs: list[dict], swept: list[str]) -> list[dict]:
     for j in jobs:
         if j["status"] != "completed" or not j["summary"].get("algorithm"):
             continue
-        method = j["summary"]["algorithm"]
-        key = (_setting_label({k: j["params"].get(k) for k in proxy_keys}) or "proxy", method)
-        groups.setdefault(key, []).extend(gao_points(j))
+        values = tuple(j["params"].get(k) for k in proxy_keys)
+        groups.setdefault((values, j["summary"]["algorithm"]), []).extend(gao_points(j))
+    order = lambda item: (tuple((0, v) if isinstance(v, float) else (1, str(v))  # noqa: E731  numbers by value
+                                for v in map(_number, item[0][0])), item[0][1])
     fits = []
-    for (proxy, method), points in sorted(groups.items()):
+    for (values, method), points in sorted(groups.items(), key=order):
+        proxy = _setting_label(dict(zip(proxy_keys, values))) or "proxy"
         form = "bon" if method == "best_of_n" else "rl"
         if len(points) < 3:
             continue

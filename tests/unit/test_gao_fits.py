@@ -48,7 +48,7 @@ def test_the_standard_errors_shrink_with_more_points():
 def test_a_sweep_of_rl_and_best_of_n_jobs_gets_one_fit_per_proxy_method_and_score(tmp_path):
     jobs = []
     rng = np.random.default_rng(2)
-    for i, (method, pairs) in enumerate([(m, p) for m in ("ppo", "best_of_n") for p in ("1000", "6000")] * 3):
+    for i, (method, pairs) in enumerate([(m, p) for m in ("ppo", "best_of_n") for p in ("6000", "10000")] * 3):
         job = tmp_path / str(i)
         job.mkdir()
         summary = {"algorithm": method, "gold_score_sft": 0.1, "proxy_reward_sft": 1.0}
@@ -70,7 +70,8 @@ def test_a_sweep_of_rl_and_best_of_n_jobs_gets_one_fit_per_proxy_method_and_scor
     swept = ["trainer.rm.num_pairs", "algorithm", "seed"]
     fits = gao_fits(jobs, swept)
     assert {(f["proxy"], f["method"], f["score"]) for f in fits} == {
-        (f"num_pairs={p}", m, s) for p in ("1000", "6000") for m in ("ppo", "best_of_n") for s in ("gold", "proxy")}
+        (f"num_pairs={p}", m, s) for p in ("6000", "10000") for m in ("ppo", "best_of_n") for s in ("gold", "proxy")}
+    assert fits[0]["proxy"] == "num_pairs=6000"  # numbers in their order, not as strings
     rl_gold = next(f["fit"] for f in fits if f["method"] == "ppo" and f["score"] == "gold")
     assert rl_gold["alpha"] == pytest.approx(0.4, abs=0.05) and rl_gold["beta"] == pytest.approx(0.2, abs=0.05)
     table = gao_table(fits)
