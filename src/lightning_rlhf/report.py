@@ -489,6 +489,7 @@ def gao_fits(jobs: list[dict], swept: list[str]) -> list[dict]:
             continue
         for score in ("gold", "proxy"):
             fit = fit_gao([p["d"] for p in points], [p[score] for p in points], form)
+            fit["d_max"] = max(p["d"] for p in points)
             fits.append({"proxy": proxy, "method": method, "form": form, "score": score, "points": points,
                          "fit": fit})
     return fits
@@ -505,6 +506,8 @@ def gao_table(fits: list[dict]) -> str:
     for f in fits:
         fit = f["fit"]
         peak = "-" if fit["d_peak"] is None else f"{fit['d_peak']:.2f} ({fit['d_peak'] ** 2:.1f})"
+        if fit["d_peak"] is not None and fit["d_peak"] > fit.get("d_max", math.inf):
+            peak += f", beyond the data (d <= {fit['d_max']:.1f})"
         lines.append(f"| {f['proxy']} | {f['method']} | {f['score']} | {GAO_FORMS[f['form']][0]} | "
                      f"{_pm(fit['alpha'], fit['alpha_se'])} | {_pm(fit['beta'], fit['beta_se'])} | {fit['points']} | "
                      f"{peak} | {_pm(fit['peak'], None)} |")
