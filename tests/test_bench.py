@@ -15,6 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "bench_trl.py"
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
+                   "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
 SIDES = {"grpo": {"lightning-rlhf", "trl"}, "rloo": {"lightning-rlhf", "trl"},
          "dpo": {"lightning-rlhf", "trl", "trl-precomputed"}, "ppo": {"lightning-rlhf", "trl", "trl-nogc"}}
 SPEEDUP = {"grpo": "speedup_vs_trl_grpo", "rloo": "speedup_vs_trl_rloo", "dpo": "speedup_vs_trl_dpo",
@@ -42,7 +44,8 @@ def tables(lines: list[str]) -> dict[str, dict[str, list[str]]]:
 def test_bench_trl_quick_runs_every_comparison_and_ends_with_the_ppo_speedup(tmp_path):
     pytest.importorskip("trl.experimental.ppo", reason="the `bench` extra (trl==1.12.0) is not installed")
     out_json = tmp_path / "bench.json"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}  # a plain single process
+    env |= {"TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out_json)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

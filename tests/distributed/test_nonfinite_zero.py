@@ -3,6 +3,8 @@ overflow check: the weights stay as they were, and NonFiniteGuard counts the ski
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -15,8 +17,20 @@ ZERO2 = {"name": "deepspeed_zero2", "accelerator": "cpu", "devices": 1, "strateg
          "precision": "32-true", "deepspeed": {"stage": 2}}
 
 
+@pytest.fixture
+def isolated_process_group():
+    """DeepSpeed's init sets RANK, WORLD_SIZE, ... in os.environ and leaves a process group behind: both are
+    undone, so that later tests (and the processes they start) see a plain single process."""
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.mark.distributed
-def test_zero2_skips_the_steps_of_a_non_finite_loss(tmp_path, tokenizer, monkeypatch):
+def test_zero2_skips_the_steps_of_a_non_finite_loss(tmp_path, tokenizer, monkeypatch, isolated_process_group):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     real = nonfinite.tiny_run_config
