@@ -801,7 +801,7 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
     from lightning_rlhf.config import GenerationConfig, LossConfig
     from lightning_rlhf.data.prompts import left_pad
     from lightning_rlhf.losses import clipped_ppo_loss, entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-    from lightning_rlhf.models import llama
+    from lightning_rlhf.models.fast import llama
     from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy, position_ids_from_mask
     from lightning_rlhf.models.reward import RewardModel, ScoreProcessor, Sequences
     from lightning_rlhf.update import minibatch_indices, ppo_loss
@@ -949,7 +949,7 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
         h = hidden[:, -T - 1: -1]
         (policy.lm.get_output_embeddings()(h).sum() + policy.value_head(h).sum()).backward()
 
-    def autograd_trunk():  # LlamaTrunk: the same layers as torch functions traced by autograd
+    def autograd_trunk():  # the twin: the same layers traced by autograd
         budget, llama.SAVED_ATTENTION_BYTES = llama.SAVED_ATTENTION_BYTES, 0  # the fused path declines
         try:
             shared()
@@ -958,7 +958,7 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
 
     add("trunk forward", "fwd+bwd of one micro-batch", interleaved({
         "ours: fused layers (one autograd node, hand-written backward)": shared,
-        "LlamaTrunk (torch functions, autograd)": autograd_trunk,
+        "plain twin (the same forward, autograd)": autograd_trunk,
         "Hugging Face LlamaModel.forward": hf_trunk,
     }, rounds))
     m = micro.response_mask
@@ -984,7 +984,7 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
     }, rounds))
 
     if with_compile:
-        compiled = torch.compile(copy.deepcopy(policy), dynamic=True)  # the policy forward, LlamaTrunk included
+        compiled = torch.compile(copy.deepcopy(policy), dynamic=True)  # the policy forward, the fast path included
         t = time.perf_counter()
         logits, values = compiled(input_ids, attn, T)
         (logits.sum() + values.sum()).backward()

@@ -2,8 +2,8 @@
 
 One prefill of the prompt, then one token per step; the only host synchronisation is an early-exit
 check every `check_every` steps. Works with any Hugging Face causal LM whose `base_model` accepts
-`past_key_values` and `position_ids` (`HFDecoder`); Llama-architecture models decode with
-`LlamaDecoder`, the same arithmetic without the module stack.
+`past_key_values` and `position_ids` (`HFDecoder`); Llama models decode with
+`models.fast.LlamaDecoder`, the same arithmetic without the module stack.
 
 `sample` can also return, for free, what a rollout would otherwise recompute with a second forward
 pass: the log-prob of each sampled token, the entropy of each step's distribution and (given the
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lightning_rlhf.models.llama import PER_LAYER, LlamaTrunk, Plan, fused_plan, llama_hidden, position_ids_from_mask
+from lightning_rlhf.models.fast import LlamaDecoder
+from lightning_rlhf.models.positions import position_ids_from_mask
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -84,97 +85,6 @@ class HFDecoder:
         return out.last_hidden_state[:, -1]
 
 
-class LlamaDecoder:
-    """Prefill and decode step of a Llama-architecture model without the Hugging Face module stack.
-
-    The weights do not change during a rollout, so each layer's projections are fused once per call
-    of `sample`: q, k and v in one matmul, gate and up in another, the output projections added onto
-    the residual with addmm; RoPE rotates q and k together (a roll and two multiplies). A decode step
-    is then ~15 kernels a layer instead of ~30 Hugging Face module calls: on small models decoding is
-    bound by that overhead, not by arithmetic. The prefill is `models.llama.llama_hidden`, which also
-    fills the KV cache. Same arithmetic as `LlamaModel` up to float rounding. `build` returns None
-    where the fused layers do not apply (`models.llama.fused_plan`).
-    """
-
-    def __init__(self, lm, plan: Plan):
-        self.base, self.plan, spec = lm.base_model, plan, plan.spec
-        self.n_heads, self.n_kv, self.head_dim = spec.n_heads, spec.n_kv, spec.head_dim
-        d = self.head_dim
-        self.layers = []
-        for li in range(spec.n_layers):  # the Plan's weights, in `layers_forward` order
-            ln1, wq, bq, wk, bk, wv, bv, wo, bo, ln2, wg, bg, wu, bu, wd, bd = (
-                plan.weights[li * PER_LAYER:(li + 1) * PER_LAYER])
-            self.layers.append((ln1, spec.eps[2 * li], torch.cat((wq, wk, wv)),
-                                None if bq is None else torch.cat((bq, bk, bv)), wo.T, bo,
-                                ln2, spec.eps[2 * li + 1], torch.cat((wg, wu)),
-                                None if bg is None else torch.cat((bg, bu)), wd.T, bd))
-        nk = self.n_kv * d
-        self.split = (self.n_heads * d + nk, nk)  # [q, k] | v
-
-    @staticmethod
-    def supported(lm) -> bool:
-        return LlamaTrunk.supported(lm)
-
-    @classmethod
-    def build(cls, lm):
-        """A decoder for `lm`, or None where the fused layers do not apply (another structure, not SiLU,
-        not fp32, or autocast on)."""
-        plan = fused_plan(lm, 1, 1, grad=False)
-        return None if plan is None else cls(lm, plan)
-
-    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Left-padded prompts (B, P) -> last hidden state (B, H) after the final norm; fills the cache."""
-        B, P = prompt_ids.shape
-        kv = []
-        hidden = llama_hidden(self.base, prompt_ids, prompt_mask.long(), 1, kv_out=kv, plan=self.plan)[:, 0]
-        first = position_ids_from_mask(prompt_mask.long())[:, -1:] + 1
-        positions = first + torch.arange(max_new_tokens, device=first.device)  # (B, steps), all < P + steps
-        cos, sin = self.plan.rope(positions, hidden.dtype, bound=P + max_new_tokens)  # (B, steps, 1, D)
-        self.cos, self.sin = cos.transpose(0, 1), sin.transpose(0, 1)  # (steps, B, 1, D)
-        # keys and values as (B * n_kv, positions, D); attention bias 0 / -inf over the prompt's padding
-        bias = torch.zeros(B, self.n_kv, 1, P + max_new_tokens, dtype=hidden.dtype, device=hidden.device)
-        bias[..., :P].masked_fill_(~prompt_mask.bool()[:, None, None], float("-inf"))
-        self.bias = bias.view(B * self.n_kv, 1, -1)
-        self.prompt_len = self.pos = P  # self.pos: the cache index of the next token
-        self.keys, self.values = [], []
-        for k, v in kv:
-            buf_k = k.new_empty(B, self.n_kv, P + max_new_tokens, self.head_dim)
-            buf_v = v.new_empty(B, self.n_kv, P + max_new_tokens, self.head_dim)
-            buf_k[:, :, :P], buf_v[:, :, :P] = k, v
-            self.keys.append(buf_k.view(B * self.n_kv, P + max_new_tokens, -1))
-            self.values.append(buf_v.view(B * self.n_kv, P + max_new_tokens, -1))
-        return hidden
-
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """The next token (B,) long -> last hidden state (B, H) after the final norm."""
-        B, i = token.shape[0], self.pos
-        nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
-        nq = nh * d
-        x = F.embedding(token, self.base.embed_tokens.weight)  # (B, H)
-        cos, sin = self.cos[i - self.prompt_len], self.sin[i - self.prompt_len]
-        bias = self.bias[..., : i + 1]
-        scaling = self.plan.spec.scaling
-        for (ln1, eps1, w_qkv, b_qkv, wo_t, bo, ln2, eps2, w_gu, b_gu, wd_t, bd), keys, values in zip(
-                self.layers, self.keys, self.values):
-            h = F.rms_norm(x, ln1.shape, ln1, eps1)
-            qk, v = F.linear(h, w_qkv, b_qkv).split(self.split, dim=-1)
-            qk = qk.view(B, nh + nkv, d)
-            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin).view(B, -1)  # RoPE on q and k at once
-            keys[:, i] = qk[:, nq:].reshape(B * nkv, d)
-            values[:, i] = v.reshape(B * nkv, d)
-            # one query against the cache: the heads of a GQA group share their key head (bmm is ~2x
-            # cheaper than scaled_dot_product_attention's CPU kernel at this size)
-            scores = torch.baddbmm(bias, qk[:, :nq].reshape(B * nkv, nh // nkv, d), keys[:, : i + 1].transpose(1, 2),
-                                   alpha=scaling)
-            o = torch.bmm(torch.softmax(scores, dim=-1), values[:, : i + 1]).view(B, nq)
-            x = torch.addmm(x, o, wo_t) if bo is None else torch.addmm(x + bo, o, wo_t)
-            g, u = F.linear(F.rms_norm(x, ln2.shape, ln2, eps2), w_gu, b_gu).chunk(2, -1)
-            a = F.silu(g) * u  # fused_plan admits SiLU MLPs only
-            x = torch.addmm(x, a, wd_t) if bd is None else torch.addmm(x + bd, a, wd_t)
-        self.pos += 1
-        return LlamaTrunk.rms_norm(x, self.base.norm)
-
-
 @dataclass
 class Samples:
     """What `sample` returns. B = batch, T <= max_new_tokens (generation stops once every row is done)."""
@@ -213,7 +123,7 @@ def sample(
 
     with_logprobs: also the log-prob and entropy of every step (from the logits the step computes);
     value_head: also the values (value_head applied to the step's last hidden state).
-    use_fast_decoder: decode Llama-architecture models with `LlamaDecoder` (same numbers up to rounding).
+    use_fast_decoder: decode Llama models with `models.fast.LlamaDecoder` (same numbers up to rounding).
     steer: steer(hidden (B, H), logits (B, V)) -> logits (B, V), applied to each step's logits (after the
     temperature, before top-k / top-p); the log-probs are then the steered distribution's (ILQL:
     `models.ilql.ILQLHeads.steer`).

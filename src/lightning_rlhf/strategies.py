@@ -267,8 +267,10 @@ def _materialize(engine) -> None:
             for p in params:
                 full[id(p)] = nn.Parameter(p.data.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
     _zero3_offload(engine)._remove_module_hooks()
-    for sub in module.modules():
-        sub._parameters = {name: (full.get(id(p), p) if p is not None else None) for name, p in sub._parameters.items()}
+    for sub in list(module.modules()):
+        for name, p in list(sub.named_parameters(recurse=False)):
+            if id(p) in full:
+                setattr(sub, name, full[id(p)])
 
 
 # ---- what the PPO module calls (strategy-agnostic) ---------------------------------------------

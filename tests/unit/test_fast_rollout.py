@@ -14,7 +14,8 @@ from lightning_rlhf.data.prompts import left_pad
 from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy
 from lightning_rlhf.models.reward import FunctionReward, ScoreProcessor, Sequences
 from lightning_rlhf.rollout import forward_logprobs, make_experience
-from lightning_rlhf.sampling import LlamaDecoder, draw_uniforms, sample, sample_next_token
+from lightning_rlhf.models.fast import LlamaDecoder
+from lightning_rlhf.sampling import draw_uniforms, sample, sample_next_token
 from lightning_rlhf.update import ppo_loss
 from tests.conftest import tiny_run_config
 
@@ -37,12 +38,18 @@ def _policy(lm):
 
 
 @pytest.mark.parametrize("kw", [{}, {"num_key_value_heads": 2, "attention_bias": True, "mlp_bias": True,
-                                    "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}}],
-                         ids=["llama", "gqa-bias-linear-rope"])
+                                    "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}},
+                                {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8,
+                                                     "rope_theta": 500000.0}},
+                                {"num_key_value_heads": 2, "rope_parameters": {
+                                    "rope_type": "yarn", "factor": 8.0, "rope_theta": 10000.0,
+                                    "original_max_position_embeddings": 8}}],
+                         ids=["llama", "gqa-bias-linear-rope", "llama3-rope", "gqa-yarn-rope"])
 def test_llama_decoder_equals_hugging_face_decoding(tokenizer, kw):
     lm = _llama(tokenizer, **kw)
     policy = _policy(lm)
-    assert LlamaDecoder.supported(lm)
+    assert LlamaDecoder.build(lm) is not None
     ids, mask = left_pad(ROWS, tokenizer.pad_token_id)
     outs = []
     for fast in (False, True):
@@ -58,12 +65,12 @@ def test_llama_decoder_equals_hugging_face_decoding(tokenizer, kw):
 
 def test_llama_decoder_declines_what_it_does_not_cover(tokenizer):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=64))
-    assert not LlamaDecoder.supported(gpt2)
+    assert LlamaDecoder.build(gpt2) is None
     lm = _llama(tokenizer, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
-    assert not LlamaDecoder.supported(lm)  # its inverse frequencies change with the sequence length
+    assert LlamaDecoder.build(lm) is None  # its inverse frequencies change with the sequence length
     lm = _llama(tokenizer)
     lm.model.layers[0].mlp.up_proj = torch.nn.Sequential(lm.model.layers[0].mlp.up_proj)  # e.g. an adapter
-    assert not LlamaDecoder.supported(lm)
+    assert LlamaDecoder.build(lm) is None
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -162,45 +169,3 @@ def test_logprobs_one_pass_backward_equals_autograd():
     z_ref = z.detach().clone().requires_grad_()
     (torch.log_softmax(z_ref, -1).gather(-1, tokens[..., None]).squeeze(-1) * weights).sum().backward()
     torch.testing.assert_close(z.grad, z_ref.grad, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("kw", [{}, {"num_key_value_heads": 2, "attention_bias": True, "mlp_bias": True,
-                                    "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}}],
-                         ids=["llama", "gqa-bias-linear-rope"])
-def test_llama_trunk_equals_hugging_face_forward_and_backward(tokenizer, kw):
-    from lightning_rlhf.models.policy import LlamaTrunk, position_ids_from_mask
-
-    lm = _llama(tokenizer, **kw).train()
-    assert LlamaTrunk.supported(lm, training=True)
-    ids, mask = left_pad(ROWS, tokenizer.pad_token_id)
-    ids = torch.cat([ids, torch.randint(3, 300, (3, 5))], 1)
-    mask = torch.cat([mask, torch.ones(3, 5, dtype=torch.bool)], 1)
-    valid = mask.bool()
-    grads = []
-    for fast in (False, True):
-        lm.zero_grad()
-        if fast:
-            hidden = LlamaTrunk.forward(lm.base_model, ids, mask.long())
-        else:
-            hidden = lm.base_model(input_ids=ids, attention_mask=mask.long(),
-                                   position_ids=position_ids_from_mask(mask.long())).last_hidden_state
-        assert torch.isfinite(hidden).all()
-        (hidden[valid] ** 2).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None})
-        if not fast:
-            reference = hidden.detach()
-        else:
-            torch.testing.assert_close(hidden.detach()[valid], reference[valid], atol=1e-6, rtol=1e-5)
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
-
-
-def test_llama_trunk_leaves_training_features_to_hugging_face(tokenizer):
-    from lightning_rlhf.models.policy import LlamaTrunk
-
-    lm = _llama(tokenizer, attention_dropout=0.1)
-    assert LlamaTrunk.supported(lm) and not LlamaTrunk.supported(lm, training=True)
-    lm = _llama(tokenizer)
-    getattr(lm, "activation_checkpointing_enable", lm.gradient_checkpointing_enable)()
-    assert not LlamaTrunk.supported(lm, training=True)

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_rlhf.models.llama import LlamaTrunk, fused_plan, llama_hidden, position_ids_from_mask
+from lightning_rlhf.models import fast
+from lightning_rlhf.models.positions import position_ids_from_mask
 
-__all__ = ["LlamaTrunk", "PolicyWithValueHead", "frozen_copy", "position_ids_from_mask", "ref_logits",
-           "trunk_hidden_states"]
+__all__ = ["PolicyWithValueHead", "frozen_copy", "position_ids_from_mask", "ref_logits", "trunk_hidden_states"]
 
 VALUE_HEAD_FILE = "value_head.pt"
 
@@ -30,16 +30,12 @@ def disable_dropout(model: nn.Module) -> None:
 def trunk_hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         n_last: int | None = None) -> torch.Tensor:
     """Last hidden state of a causal LM's trunk (after the final norm) at the last `n_last` positions
-    (all when None). (B, L) -> (B, n_last, H). Llama models take the fast paths of `models.llama`."""
-    grad = torch.is_grad_enabled()
-    plan = fused_plan(lm, input_ids.shape[0], input_ids.shape[1], grad)
-    if plan is not None:
-        return llama_hidden(lm.base_model, input_ids, attention_mask, n_last, plan=plan)
-    if LlamaTrunk.supported(lm, training=grad and lm.training):
-        hidden = LlamaTrunk.forward(lm.base_model, input_ids, attention_mask)
-    else:
-        hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    (all when None). (B, L) -> (B, n_last, H). Llama models take the fast paths of `models.fast`."""
+    hidden = fast.hidden_states(lm, input_ids, attention_mask, n_last)
+    if hidden is not None:
+        return hidden
+    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     return hidden if n_last is None else hidden[:, hidden.shape[1] - n_last:]
 
 

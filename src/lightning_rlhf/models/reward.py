@@ -7,8 +7,11 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from lightning_rlhf.models.llama import fused_plan, llama_hidden
-from lightning_rlhf.models.policy import disable_dropout, position_ids_from_mask
+from transformers import LlamaForSequenceClassification
+
+from lightning_rlhf.models import fast
+from lightning_rlhf.models.policy import disable_dropout
+from lightning_rlhf.models.positions import position_ids_from_mask
 
 
 def pack_left(input_ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,17 +34,15 @@ def classifier_scores(model: nn.Module, input_ids: torch.Tensor, mask: torch.Ten
     ids, m = pack_left(input_ids, mask.bool(), pad_id)
     m = m.long()
     config_pad = getattr(model.config, "pad_token_id", None)
-    plan = None
-    if type(model).__name__ == "LlamaForSequenceClassification" and config_pad is not None:
-        plan = fused_plan(model, *ids.shape, torch.is_grad_enabled())
-    if plan is not None:
+    if type(model) is LlamaForSequenceClassification and config_pad is not None:
         # the token Hugging Face pools: the last one that is not config.pad_token_id (packed left: the last
         # column, unless a row ends in that id); the last layer runs only from the earliest such column on
         L = ids.shape[1]
         pooled = (torch.arange(L, device=ids.device) * (ids != config_pad)).argmax(-1)
         n_last = L - int(pooled.min())
-        hidden = llama_hidden(model.base_model, ids, m, n_last, plan=plan)
-        return model.score(hidden[torch.arange(len(ids), device=ids.device), pooled - (L - n_last)])[:, 0].float()
+        hidden = fast.hidden_states(model, ids, m, n_last)
+        if hidden is not None:
+            return model.score(hidden[torch.arange(len(ids), device=ids.device), pooled - (L - n_last)])[:, 0].float()
     logits = model(input_ids=ids, attention_mask=m, position_ids=position_ids_from_mask(m)).logits
     return logits[:, 0].float()
 

@@ -1,5 +1,7 @@
-"""The fused Llama layers (one autograd node, hand-written backward) against Hugging Face's forward and
-autograd's gradients, with left padding, GQA, biases, a scaled RoPE and the last layer cut to n_last."""
+"""The fast Llama path (models/fast) against Hugging Face's forward and autograd's gradients: the fused
+layers (one autograd node, hand-written backward) and their plain twin (the same forward traced by
+autograd), with left padding, GQA, biases, every RoPE the path claims (default, linear, llama3, yarn)
+and the last layer cut to n_last."""
 
 from __future__ import annotations
 
@@ -8,14 +10,20 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_rlhf.data.prompts import left_pad
-from lightning_rlhf.models import llama
-from lightning_rlhf.models.policy import PolicyWithValueHead, position_ids_from_mask, trunk_hidden_states
+from lightning_rlhf.models.fast import llama, plan as fast_plan
+from lightning_rlhf.models.fast.ops import rope_tables
+from lightning_rlhf.models.policy import PolicyWithValueHead, trunk_hidden_states
+from lightning_rlhf.models.positions import position_ids_from_mask
 
 ROWS = [[2, 10, 11, 12, 13, 14], [2, 15], [2, 16, 17, 18]]
 VARIANTS = [{}, {"num_key_value_heads": 2, "attention_bias": True, "mlp_bias": True, "num_hidden_layers": 3,
                  "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}},
-            {"head_dim": 16, "rms_norm_eps": 1e-5}]
-IDS = ["llama", "gqa-bias-3layers-linear-rope", "head_dim-eps"]
+            {"head_dim": 16, "rms_norm_eps": 1e-5},
+            {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8, "rope_theta": 500000.0}},
+            {"num_key_value_heads": 2, "rope_parameters": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 10000.0,
+                                                           "original_max_position_embeddings": 8}}]
+IDS = ["llama", "gqa-bias-3layers-linear-rope", "head_dim-eps", "llama3-rope", "gqa-yarn-rope"]
 
 
 def _llama(tokenizer, **kw):
@@ -45,7 +53,7 @@ def _hf_hidden(lm, ids, mask):
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=IDS)
 @pytest.mark.parametrize("n_last", [None, 4])
-def test_fused_layers_equal_hugging_face_forward_and_gradients(tokenizer, kw, n_last):
+def test_fused_layers_and_their_twin_equal_hugging_face_forward_and_gradients(tokenizer, kw, n_last):
     lm = _llama(tokenizer, **kw).train()
     ids, mask = _batch(tokenizer)
     assert llama.fused_applies(lm, *ids.shape, grad=True)
@@ -54,19 +62,20 @@ def test_fused_layers_equal_hugging_face_forward_and_gradients(tokenizer, kw, n_
     valid = mask.bool()[:, L - keep:]
     weight = torch.randn(3, keep, lm.config.hidden_size)  # a loss that sees every hidden unit differently
     grads, outs = [], []
-    for fused in (False, True):
+    for path in ("hf", "fused", "twin"):
         lm.zero_grad()
-        hidden = (llama.llama_hidden(lm.base_model, ids, mask, n_last) if fused
-                  else _hf_hidden(lm, ids, mask)[:, L - keep:])
+        hidden = (_hf_hidden(lm, ids, mask)[:, L - keep:] if path == "hf"
+                  else llama.llama_hidden(lm.base_model, ids, mask, n_last, fused=path == "fused"))
         assert hidden.shape == (3, keep, lm.config.hidden_size)
         (hidden * weight)[valid].sum().backward()
         outs.append(hidden.detach()[valid])
         grads.append({n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None})
-    torch.testing.assert_close(outs[1], outs[0], atol=2e-6, rtol=1e-5)
-    assert grads[1].keys() == grads[0].keys()
     assert len(grads[0]) == len(list(lm.base_model.parameters()))  # every trunk parameter gets a gradient
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=2e-5, rtol=1e-4, msg=name)
+    for out, grad in zip(outs[1:], grads[1:]):
+        torch.testing.assert_close(out, outs[0], atol=2e-6, rtol=1e-5)
+        assert grad.keys() == grads[0].keys()
+        for name in grads[0]:
+            torch.testing.assert_close(grad[name], grads[0][name], atol=2e-5, rtol=1e-4, msg=name)
 
 
 def test_fused_layers_padding_gets_finite_values_and_no_gradient_leak(tokenizer):
@@ -110,10 +119,11 @@ def test_policy_forward_takes_the_fused_path_and_equals_the_autograd_one(tokeniz
     torch.nn.init.normal_(policy.value_head.weight)
     ids, mask = _batch(tokenizer)
     calls = []
-    fused = llama.llama_hidden
-    monkeypatch.setattr("lightning_rlhf.models.policy.llama_hidden", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    fused = llama._FusedLayers
+    monkeypatch.setattr(llama, "_FusedLayers", type("Counted", (llama._FusedLayers,), {
+        "apply": staticmethod(lambda *a: calls.append(1) or fused.apply(*a))}))
     results = []
-    for budget in (llama.SAVED_ATTENTION_BYTES, 0):  # a zero budget sends training to LlamaTrunk (autograd)
+    for budget in (llama.SAVED_ATTENTION_BYTES, 0):  # a zero budget sends training to the twin (autograd)
         monkeypatch.setattr(llama, "SAVED_ATTENTION_BYTES", budget)
         policy.zero_grad()
         logits, values = policy(ids, mask, 5)
@@ -146,7 +156,7 @@ def test_trunk_hidden_states_n_last_is_the_tail_of_the_full_output(tokenizer):
     torch.testing.assert_close(tail, full[:, -3:], atol=2e-6, rtol=1e-5)
 
 
-def test_reward_scores_take_the_fused_path_and_equal_hugging_face(tokenizer, monkeypatch):
+def test_reward_scores_take_the_fast_path_and_equal_hugging_face(tokenizer, monkeypatch):
     from transformers import LlamaForSequenceClassification
 
     from lightning_rlhf.models import reward as reward_module
@@ -158,10 +168,11 @@ def test_reward_scores_take_the_fused_path_and_equal_hugging_face(tokenizer, mon
     ids, mask = left_pad(ROWS, tokenizer.pad_token_id)  # prompts left padded, responses right padded: holes
     ids = torch.cat([ids, torch.tensor([[40, 41, 0], [42, 0, 0], [43, 44, 45]])], 1)
     mask = torch.cat([mask, torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)], 1)
-    scores, grads, calls = [], [], []
-    monkeypatch.setattr(reward_module, "llama_hidden", lambda *a, **k: calls.append(1) or llama.llama_hidden(*a, **k))
-    for budget in (llama.SAVED_ATTENTION_BYTES, -1):  # -1: no fused path, Hugging Face's forward
-        monkeypatch.setattr(reward_module, "fused_plan", lambda *a, b=budget: llama.fused_plan(*a) if b > 0 else None)
+    fast_hidden, calls = reward_module.fast.hidden_states, []
+    counted = lambda *a: calls.append(1) or fast_hidden(*a)  # noqa: E731
+    scores, grads = [], []
+    for fast in (True, False):  # False: Hugging Face's forward
+        monkeypatch.setattr(reward_module.fast, "hidden_states", counted if fast else lambda *a: None)
         rm.zero_grad()
         s = reward_module.classifier_scores(rm, ids, mask, tokenizer.pad_token_id)
         (s * torch.tensor([1.0, -2.0, 3.0])).sum().backward()  # reward-model training differentiates it
@@ -173,10 +184,10 @@ def test_reward_scores_take_the_fused_path_and_equal_hugging_face(tokenizer, mon
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     # a row ending in the config's pad id: Hugging Face pools an earlier token, and so must the fast path
     ids[0, -2] = tokenizer.pad_token_id
-    monkeypatch.setattr(reward_module, "fused_plan", llama.fused_plan)
     with torch.no_grad():
+        monkeypatch.setattr(reward_module.fast, "hidden_states", counted)
         fast = reward_module.classifier_scores(rm, ids, mask, tokenizer.pad_token_id)
-        monkeypatch.setattr(reward_module, "fused_plan", lambda *a: None)
+        monkeypatch.setattr(reward_module.fast, "hidden_states", lambda *a: None)
         hf = reward_module.classifier_scores(rm, ids, mask, tokenizer.pad_token_id)
     assert len(calls) == 2
     torch.testing.assert_close(fast, hf, atol=2e-6, rtol=1e-5)
@@ -184,21 +195,42 @@ def test_reward_scores_take_the_fused_path_and_equal_hugging_face(tokenizer, mon
 
 def test_plan_is_cached_and_rebuilt_when_a_projection_is_replaced(tokenizer):
     lm = _llama(tokenizer)
-    plan = llama.plan_of(lm.base_model)
-    assert plan is not None and llama.plan_of(lm.base_model) is plan
-    assert llama.LlamaTrunk.supported(lm)
+    plan = fast_plan.plan_of(lm.base_model)
+    assert plan is not None and fast_plan.plan_of(lm.base_model) is plan
+    assert [w.wq for w in plan.layers] == [layer.self_attn.q_proj.weight for layer in lm.model.layers]  # by name
+    torch.nn.Linear(2, 2)  # registering parameters elsewhere only makes the plan be read again
+    again = fast_plan.plan_of(lm.base_model)
+    assert again is not plan and again.layers == plan.layers
     lm.model.layers[-1].mlp.down_proj = torch.nn.Sequential(lm.model.layers[-1].mlp.down_proj)  # e.g. an adapter
-    assert llama.plan_of(lm.base_model) is None and not llama.LlamaTrunk.supported(lm)
-    cos, sin = plan.rope(torch.tensor([[0, 0, 1, 2]]), torch.float32)  # positions of a left-padded row
-    ref_cos, ref_sin = llama.LlamaTrunk.rope(lm.model.rotary_emb, torch.tensor([[0, 0, 1, 2]]), torch.float32)
+    assert fast_plan.plan_of(lm.base_model) is None and llama.autograd_plan(lm) is None
+    positions = torch.tensor([[0, 0, 1, 2]])  # positions of a left-padded row
+    cos, sin = plan.rope(positions, torch.float32)
+    ref_cos, ref_sin = lm.model.rotary_emb(torch.zeros(1, 4, 8), positions)  # Hugging Face's tables
     torch.testing.assert_close(cos[:, :, 0], ref_cos)
     half = ref_sin.shape[-1] // 2
     torch.testing.assert_close(sin[:, :, 0], torch.cat((-ref_sin[..., :half], ref_sin[..., half:]), -1))
+    table_cos, _ = rope_tables(lm.model.rotary_emb.inv_freq, 1.0, 3, torch.float32)
+    torch.testing.assert_close(table_cos, ref_cos[0, 1:])
+
+
+def test_a_subclass_or_another_norm_is_not_the_llama_the_fast_path_knows(tokenizer):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class MyNorm(LlamaRMSNorm):  # same name-free structure, other arithmetic: must not be taken for Llama's
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    lm = _llama(tokenizer)
+    assert fast_plan.covers(lm.base_model)
+    old = lm.model.layers[0].input_layernorm
+    lm.model.layers[0].input_layernorm = MyNorm(old.weight.shape[0], old.variance_epsilon)
+    assert not fast_plan.covers(lm.base_model) and fast_plan.plan_of(lm.base_model) is None
 
 
 def test_autocast_takes_the_autograd_and_hugging_face_paths(tokenizer):
     """bf16-mixed (Lightning's autocast) must not reach the fp32 hand-written backward or the decoder."""
-    from lightning_rlhf.sampling import LlamaDecoder, sample
+    from lightning_rlhf.models.fast import LlamaDecoder
+    from lightning_rlhf.sampling import sample
 
     lm = _llama(tokenizer)
     policy = PolicyWithValueHead(lm).train()
@@ -224,8 +256,10 @@ def test_plan_follows_replaced_parameters_and_other_activations(tokenizer):
         lm.base_model.layers[1].load_state_dict(state, assign=True)  # new Parameter objects, middle of the stack
         torch.testing.assert_close(llama.llama_hidden(lm.base_model, ids, mask)[mask.bool()],
                                    _hf_hidden(lm, ids, mask)[mask.bool()], atol=2e-5, rtol=1e-5)
-    gelu = _llama(tokenizer, hidden_act="gelu")
-    assert llama.LlamaTrunk.supported(gelu) and not llama.fused_applies(gelu, 3, 8, grad=False)
+    gelu = _llama(tokenizer, hidden_act="gelu").train()  # the twin takes any activation, the fused layers SiLU
+    assert llama.autograd_plan(gelu, training=True) is not None and not llama.fused_applies(gelu, 3, 8, grad=False)
+    hidden = trunk_hidden_states(gelu, ids, mask)
+    torch.testing.assert_close(hidden[mask.bool()], _hf_hidden(gelu, ids, mask)[mask.bool()], atol=2e-6, rtol=1e-5)
 
 
 def test_a_second_backward_through_the_fused_layers_says_why_it_cannot(tokenizer):
@@ -235,3 +269,11 @@ def test_a_second_backward_through_the_fused_layers_says_why_it_cannot(tokenizer
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         out.backward()
+
+
+def test_training_features_the_fast_path_lacks_go_to_hugging_face(tokenizer):
+    lm = _llama(tokenizer, attention_dropout=0.1)
+    assert llama.autograd_plan(lm) is not None and llama.autograd_plan(lm, training=True) is None
+    lm = _llama(tokenizer)
+    lm.activation_checkpointing_enable()
+    assert llama.autograd_plan(lm, training=True) is None
