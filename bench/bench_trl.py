@@ -554,6 +554,10 @@ def worker(side: str, settings: dict, iterations: int, conn) -> None:
 
     s = common.Settings(**settings)
     torch.set_num_threads(s.threads)
+    if s.without:
+        import fast_paths
+
+        fast_paths.switch_off(s.without)
     probe = StepProbe(conn, iterations, s.mini_batches) if s.algo == "dpo" else Probe(conn, iterations)
     try:
         with tempfile.TemporaryDirectory(prefix=f"bench_{s.algo}_{side}_") as folder:
@@ -772,6 +776,32 @@ def scaling(base: common.Settings, warmup: int, iterations: int) -> list[dict]:
     return rows
 
 
+# ---- fast paths against their plain twins, end to end ---------------------------------------------
+def fast_path_ablation(base: common.Settings, warmup: int, iterations: int, names=None) -> list[dict]:
+    """Our PPO iteration with every fast path on, and with each one (of `names`, default all) switched off
+    in turn (its plain twin in its place), all interleaved; -> a row per fast path with the share of an
+    iteration it saves."""
+    import fast_paths
+
+    names = list(fast_paths.FAST_PATHS) if names is None else names
+    jobs = {"all on": (OURS, base)} | {name: (OURS, base.with_(without=name)) for name in names}
+    results = interleave(jobs, warmup, iterations)
+    on = summarize(results["all on"], base)
+    print(f"| model | fast path | plain twin | iter ms, on | iter ms, off | saves | update ms on / off | "
+          f"rollout ms on / off |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for name in names:
+        what, twin, _ = fast_paths.FAST_PATHS[name]
+        off = summarize(results[name], base)
+        saves = 1 - on["iter_ms"] / off["iter_ms"]
+        rows.append({"model": base.model, "fast_path": name, "on": on, "off": off, "saves": saves})
+        print(f"| {base.model} | {what} | {twin} | {on['iter_ms']:.1f} | {off['iter_ms']:.1f} | {100 * saves:+.1f} % | "
+              f"{on['update_ms']:.1f} / {off['update_ms']:.1f} | {on['rollout_ms']:.1f} / {off['rollout_ms']:.1f} |",
+              flush=True)
+    return rows
+
+
 # ---- speed ablations (lightning-rlhf's pieces, in this process) -----------------------------------
 def interleaved(variants: dict, rounds: int) -> dict[str, tuple[float, float]]:
     """Median wall and CPU seconds of each variant, run round-robin after one untimed call each."""
@@ -800,11 +830,11 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
     from lightning_rlhf import rollout, sampling
     from lightning_rlhf.config import GenerationConfig, LossConfig
     from lightning_rlhf.data.prompts import left_pad
-    from lightning_rlhf.losses import clipped_ppo_loss, entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-    from lightning_rlhf.models.fast import llama
+    from lightning_rlhf.algorithms.online import OnlineAlgorithm
+    from lightning_rlhf.losses import entropy_from_logits
     from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy, position_ids_from_mask
     from lightning_rlhf.models.reward import RewardModel, ScoreProcessor, Sequences
-    from lightning_rlhf.update import minibatch_indices, ppo_loss
+    from lightning_rlhf.update import minibatch_indices, online_loss
 
     torch.set_num_threads(s.threads)
     tok = common.tokenizer()
@@ -875,12 +905,14 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
         }, rounds))
 
     opt = torch.optim.AdamW(policy.parameters(), lr=s.lr, fused=True)  # as strategies.make_optimizer
+    algo = OnlineAlgorithm.from_config(our_config(s, 1, ROOT))  # PPO: conf/algorithm/ppo.yaml
 
     def update(exp, trim: bool):
         for _ in range(s.epochs):
             for mb in minibatch_indices(len(exp), s.minibatch_size()):
                 micro = exp.select(mb)
-                loss, _ = ppo_loss(policy, micro.trimmed() if trim else micro, loss_cfg, s.temperature)
+                loss, _ = online_loss(policy, micro.trimmed() if trim else micro, algo, loss_cfg, s.temperature,
+                                      s.kl_coef, T)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -900,16 +932,6 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
     logits = torch.randn(s.minibatch_size(), T, len(tok), requires_grad=True)
     targets = torch.randint(0, len(tok), (s.minibatch_size(), T))
 
-    def lp_gather():
-        logprobs_from_logits(logits, targets).sum().backward()
-
-    def lp_log_softmax():
-        torch.log_softmax(logits, -1).gather(-1, targets[..., None]).sum().backward()
-
-    add("log-probs", f"fwd+bwd on ({s.minibatch_size()}, {T}, {len(tok)}) logits", interleaved({
-        "ours: gather - logsumexp": lp_gather,
-        "log_softmax then gather": lp_log_softmax,
-    }, rounds))
     with torch.no_grad():
         add("entropy in the update", "per micro-batch, when entropy_coef = 0", interleaved({
             "ours: not computed": lambda: None,
@@ -949,34 +971,9 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
         h = hidden[:, -T - 1: -1]
         (policy.lm.get_output_embeddings()(h).sum() + policy.value_head(h).sum()).backward()
 
-    def autograd_trunk():  # the twin: the same layers traced by autograd
-        budget, llama.SAVED_ATTENTION_BYTES = llama.SAVED_ATTENTION_BYTES, 0  # the fused path declines
-        try:
-            shared()
-        finally:
-            llama.SAVED_ATTENTION_BYTES = budget
-
     add("trunk forward", "fwd+bwd of one micro-batch", interleaved({
-        "ours: fused layers (one autograd node, hand-written backward)": shared,
-        "plain twin (the same forward, autograd)": autograd_trunk,
+        "ours: the layers as torch functions (models/fast)": shared,
         "Hugging Face LlamaModel.forward": hf_trunk,
-    }, rounds))
-    m = micro.response_mask
-    lp, v = torch.randn(m.shape) - 3, torch.randn(m.shape)
-
-    def fused_loss():
-        a, b = lp.clone().requires_grad_(), v.clone().requires_grad_()
-        clipped_ppo_loss(a, b, micro.old_logprobs, micro.advantages, micro.old_values, micro.returns, m,
-                         0.2, 0.2, 0.1)[0].backward()
-
-    def two_losses():
-        a, b = lp.clone().requires_grad_(), v.clone().requires_grad_()
-        (policy_loss(a, micro.old_logprobs, micro.advantages, m, 0.2)[0]
-         + 0.1 * value_loss(b, micro.old_values, micro.returns, m, 0.2)[0]).backward()
-
-    add("PPO loss", f"policy + value loss fwd+bwd on {tuple(m.shape)}", interleaved({
-        "ours: clipped_ppo_loss (one autograd node)": fused_loss,
-        "policy_loss + vf_coef * value_loss (autograd)": two_losses,
     }, rounds))
     add("value model", "fwd+bwd of one micro-batch", interleaved({
         "ours: value head on the policy trunk": shared,
@@ -1030,6 +1027,9 @@ def main(argv=None) -> int:
     p.add_argument("--ablations", action="store_true", help="only the speed ablations of lightning-rlhf's pieces")
     p.add_argument("--compile", action="store_true", help="with --ablations: also torch.compile (minutes)")
     p.add_argument("--rounds", type=int, default=15, help="with --ablations: timed rounds per variant")
+    p.add_argument("--fast-paths", action="store_true",
+                   help="only our PPO iteration with each fast path switched off in turn (bench/fast_paths.py)")
+    p.add_argument("--only", default=None, help="with --fast-paths: comma-separated names of the fast paths to switch off")
     a = p.parse_args(argv)
     if a.quick:
         a.batch_size, a.group_size, a.response_length, a.epochs, a.mini_batches = 4, 2, 4, 1, 1
@@ -1051,6 +1051,15 @@ def main(argv=None) -> int:
         rows = scaling(base, 1, a.scaling_iterations)
         if a.json:
             a.json.write_text(json.dumps({"settings": base.as_dict(), "machine": machine(), "scaling": rows}, indent=1))
+        return 0
+    if a.fast_paths:
+        print(f"# lightning-rlhf fast paths against their plain twins, PPO end to end, "
+              f"{datetime.date.today().isoformat()}\nmachine: {machine()}")
+        print(f"settings: {json.dumps(base.as_dict())}; {a.warmup} warm-up + {a.iterations} timed iterations "
+              "per variant, interleaved; medians")
+        rows = fast_path_ablation(base, a.warmup, a.iterations, a.only.split(",") if a.only else None)
+        if a.json:
+            a.json.write_text(json.dumps({"machine": machine(), "fast_paths": rows}, indent=1))
         return 0
     if a.ablations:
         print(f"# lightning-rlhf speed ablations, {datetime.date.today().isoformat()}")

@@ -40,6 +40,7 @@ class Settings:
     lr: float = 3e-4
     threads: int = 1  # torch intra-op threads in each process
     seed: int = 0
+    without: str = ""  # lightning-rlhf only: a fast path switched off (bench/fast_paths.py; --fast-paths)
 
     def sequences(self) -> int:
         """Sequences per iteration: every prompt sampled group_size times."""

@@ -79,6 +79,9 @@ class ModelConfig:
     attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2 ... (passed to transformers)
     gradient_checkpointing: bool = False
     lora: Optional[LoraConfig] = None  # null = full fine-tuning
+    # torch.compile (inductor, dynamic shapes) for the policy's training forward/backward and decode step,
+    # where the fast Llama path covers the model (models/fast); compile time is reported in the log
+    compile: bool = False
 
     def check(self) -> None:
         _check(self.name_or_path is not None or self.config is not None, "model.name_or_path",

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from lightning_rlhf.advantages import masked_mean
 from lightning_rlhf.config import LossConfig
 from lightning_rlhf.experience import Experience
-from lightning_rlhf.losses import (aggregate_loss, clipped_ppo_loss, entropy_from_logits, kl_penalty,
-                                   logprobs_from_logits, value_loss)
+from lightning_rlhf.losses import aggregate_loss, entropy_from_logits, kl_penalty, logprobs_from_logits, value_loss
 
 
 def policy_forward(policy, exp: Experience, temperature: float, with_values: bool):
@@ -22,47 +20,16 @@ def policy_forward(policy, exp: Experience, temperature: float, with_values: boo
     return logits, logprobs_from_logits(logits, exp.response_ids), values
 
 
-def ppo_loss(policy, exp: Experience, loss_cfg: LossConfig, temperature: float) -> tuple[torch.Tensor, dict]:
-    """L = L_policy + c1 * L_value - c2 * entropy on one (trimmed) micro-batch: PPO's fast path.
-
-    L_policy + c1 * L_value is `losses.clipped_ppo_loss`, the fused form of `policy_loss` and `value_loss`.
-    Each term is a token-level masked mean over this micro-batch; the caller weights micro-batches
-    by their share of the minibatch's valid tokens so that accumulation equals the full-batch loss.
-    The (B, T, V) entropy is computed (and reported as loss/entropy) only when its coefficient is on:
-    the rollout reports the policy's entropy every iteration anyway (objective/entropy).
-    """
-    mask = exp.response_mask
-    logits, logprobs, values = policy_forward(policy, exp, temperature, with_values=True)
-    loss, s = clipped_ppo_loss(logprobs, values, exp.old_logprobs, exp.advantages, exp.old_values, exp.returns, mask,
-                               loss_cfg.clip_eps, loss_cfg.value_clip_eps, loss_cfg.vf_coef)
-    stats = {}
-    if loss_cfg.entropy_coef > 0:
-        entropy = masked_mean(entropy_from_logits(logits), mask)
-        loss = loss - loss_cfg.entropy_coef * entropy
-        stats["loss/entropy"] = entropy.detach()
-    stats |= {
-        "policy/loss": s["policy_loss"],
-        "policy/approx_kl": s["approx_kl"],
-        "policy/clipfrac": s["clipfrac"],
-        "policy/clipfrac_low": s["clipfrac_low"],
-        "policy/clipfrac_high": s["clipfrac_high"],
-        "critic/loss": s["value_loss"],
-        "critic/clipfrac": s["value_clipfrac"],
-        "loss/total": loss.detach(),
-    }
-    return loss, stats
-
-
 def online_loss(policy, exp: Experience, algo, loss_cfg: LossConfig, temperature: float, kl_coef: float,
                 max_len: int) -> tuple[torch.Tensor, dict]:
     """L = L_policy [+ c1 * L_value] [+ kl_coef * KL] - c2 * entropy on one (trimmed) micro-batch, every
     term aggregated with `algo.agg` (the caller weights micro-batches by `aggregation_count`).
 
     `algo` is an `algorithms.online.OnlineAlgorithm`; `max_len` is the constant of
-    seq-mean-token-sum-norm (generation.max_new_tokens). PPO's own combination takes the fused op.
+    seq-mean-token-sum-norm (generation.max_new_tokens). The (B, T, V) entropy is computed (and reported
+    as loss/entropy) only when its coefficient is on: the rollout reports the policy's entropy every
+    iteration anyway (objective/entropy).
     """
-    if algo.fused_ppo:
-        return ppo_loss(policy, exp, loss_cfg, temperature)
     mask, agg = exp.response_mask, algo.agg
     logits, logprobs, values = policy_forward(policy, exp, temperature, with_values=algo.critic)
     clip_low, clip_high = algo.clip_range

@@ -167,29 +167,6 @@ def test_gradient_accumulation_is_exact_for_every_aggregation(name, agg, tmp_pat
         torch.testing.assert_close(finals[0][k], finals[1][k], atol=1e-6, rtol=1e-5, msg=k)
 
 
-def test_fused_ppo_loss_equals_the_plain_path(tokenizer, tiny_lm):
-    """PPO's fused policy + value loss (the fast path) against the same algorithm through policy_loss and
-    value_loss: same loss, same gradients."""
-    cfg = config("ppo")
-    module = build(cfg, tokenizer, tiny_lm)
-    assert module.algo.fused_ppo
-    exp = _replay_experience(cfg, module, tokenizer).trimmed()
-    plain = OnlineAlgorithm(**{**vars(module.algo), "fused_ppo": False})
-    results = []
-    for algo in (module.algo, plain):
-        module.policy.zero_grad()
-        loss, stats = online_loss(module.policy, exp, algo, cfg.loss, 1.0, module.kl_coef, 8)
-        loss.backward()
-        results.append((loss.detach(), stats, [p.grad.clone() for p in module.policy.parameters()]))
-    (l0, s0, g0), (l1, s1, g1) = results
-    torch.testing.assert_close(l0, l1, atol=1e-6, rtol=1e-6)
-    for key in ("policy/loss", "policy/clipfrac", "policy/clipfrac_low", "policy/clipfrac_high", "critic/loss",
-                "critic/clipfrac", "loss/entropy"):
-        torch.testing.assert_close(s0[key], s1[key], atol=1e-6, rtol=1e-6, msg=key)
-    for a, b in zip(g0, g1):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-
-
 def test_dynamic_sampling_replaces_groups_whose_rewards_are_all_equal(tmp_path, tokenizer, tiny_lm):
     """DAPO: prompts whose samples all score the same are dropped and new prompts rolled out instead; the
     batch keeps its size, and with enough rounds holds informative groups only."""

@@ -28,7 +28,7 @@ from lightning_rlhf.algorithms.base import FROZEN_PREFIXES, AlgorithmModule  # n
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.experience import Experience
 from lightning_rlhf.kl_control import make_kl_controller
-from lightning_rlhf.losses import aggregation_count, explained_variance, policy_loss
+from lightning_rlhf.losses import aggregation_count, explained_variance
 from lightning_rlhf.models.reward import ScoreProcessor
 from lightning_rlhf.rollout import assign_advantages, collect_rollout, informative_groups, rlhf_reward
 from lightning_rlhf.strategies import (micro_batch_context, make_optimizer, rank_seed, rollout_context,
@@ -51,19 +51,14 @@ class OnlineAlgorithm:
     group_size: int
     zero_std: str  # keep | filter
     max_sampling_rounds: int
-    fused_ppo: bool  # PPO's exact combination: the fused clipped policy + value loss (losses.clipped_ppo_loss)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "OnlineAlgorithm":
         a = cfg.algorithm
         loss_fn = instantiate(a.policy_loss)
-        low, high = a.clip_range(cfg.loss)
-        plain_loss = getattr(loss_fn, "func", None) is policy_loss and not getattr(loss_fn, "keywords", {})
-        fused = (plain_loss and a.critic and a.agg == "token-mean" and low == high == cfg.loss.clip_eps
-                 and a.kl.placement != "loss")
         return cls(a.name, instantiate(a.advantage), loss_fn, a.agg, a.critic, a.kl.placement,
-                   a.kl.resolved_estimator(cfg.loss), (low, high), a.group_size, a.zero_std, a.max_sampling_rounds,
-                   fused)
+                   a.kl.resolved_estimator(cfg.loss), a.clip_range(cfg.loss), a.group_size, a.zero_std,
+                   a.max_sampling_rounds)
 
 
 class OnlineRLModule(AlgorithmModule):
