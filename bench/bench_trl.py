@@ -778,7 +778,7 @@ def scaling(base: common.Settings, warmup: int, iterations: int) -> list[dict]:
 
 # ---- fast paths against their plain twins, end to end ---------------------------------------------
 def fast_path_ablation(base: common.Settings, warmup: int, iterations: int, names=None) -> list[dict]:
-    """Our PPO iteration with every fast path on, and with each one (of `names`, default all) switched off
+    """Our iteration (base.algo) with every fast path on, and with each one (of `names`, default all) switched off
     in turn (its plain twin in its place), all interleaved; -> a row per fast path with the share of an
     iteration it saves."""
     import fast_paths
@@ -787,18 +787,16 @@ def fast_path_ablation(base: common.Settings, warmup: int, iterations: int, name
     jobs = {"all on": (OURS, base)} | {name: (OURS, base.with_(without=name)) for name in names}
     results = interleave(jobs, warmup, iterations)
     on = summarize(results["all on"], base)
-    print(f"| model | fast path | plain twin | iter ms, on | iter ms, off | saves | update ms on / off | "
-          f"rollout ms on / off |")
+    print("| model | algorithm | fast path | plain twin | iter ms, on | iter ms, off | saves | update ms on / off |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for name in names:
         what, twin, _ = fast_paths.FAST_PATHS[name]
         off = summarize(results[name], base)
         saves = 1 - on["iter_ms"] / off["iter_ms"]
-        rows.append({"model": base.model, "fast_path": name, "on": on, "off": off, "saves": saves})
-        print(f"| {base.model} | {what} | {twin} | {on['iter_ms']:.1f} | {off['iter_ms']:.1f} | {100 * saves:+.1f} % | "
-              f"{on['update_ms']:.1f} / {off['update_ms']:.1f} | {on['rollout_ms']:.1f} / {off['rollout_ms']:.1f} |",
-              flush=True)
+        rows.append({"model": base.model, "algo": base.algo, "fast_path": name, "on": on, "off": off, "saves": saves})
+        print(f"| {base.model} | {base.algo} | {what} | {twin} | {on['iter_ms']:.1f} | {off['iter_ms']:.1f} | "
+              f"{100 * saves:+.1f} % | {on['update_ms']:.1f} / {off['update_ms']:.1f} |", flush=True)
     return rows
 
 
@@ -832,6 +830,7 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
     from lightning_rlhf.data.prompts import left_pad
     from lightning_rlhf.algorithms.online import OnlineAlgorithm
     from lightning_rlhf.losses import entropy_from_logits
+    from lightning_rlhf.models.fast import llama
     from lightning_rlhf.models.policy import PolicyWithValueHead, frozen_copy, position_ids_from_mask
     from lightning_rlhf.models.reward import RewardModel, ScoreProcessor, Sequences
     from lightning_rlhf.update import minibatch_indices, online_loss
@@ -971,8 +970,16 @@ def ablations(s: common.Settings, rounds: int, with_compile: bool) -> list[tuple
         h = hidden[:, -T - 1: -1]
         (policy.lm.get_output_embeddings()(h).sum() + policy.value_head(h).sum()).backward()
 
+    def autograd_trunk():  # the twin: the same layers traced by autograd
+        budget, llama.SAVED_ATTENTION_BYTES = llama.SAVED_ATTENTION_BYTES, 0  # the fused path declines
+        try:
+            shared()
+        finally:
+            llama.SAVED_ATTENTION_BYTES = budget
+
     add("trunk forward", "fwd+bwd of one micro-batch", interleaved({
-        "ours: the layers as torch functions (models/fast)": shared,
+        "ours: fused layers (one autograd node, hand-written backward)": shared,
+        "plain twin (the same forward, autograd)": autograd_trunk,
         "Hugging Face LlamaModel.forward": hf_trunk,
     }, rounds))
     add("value model", "fwd+bwd of one micro-batch", interleaved({
@@ -1028,7 +1035,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="with --ablations: also torch.compile (minutes)")
     p.add_argument("--rounds", type=int, default=15, help="with --ablations: timed rounds per variant")
     p.add_argument("--fast-paths", action="store_true",
-                   help="only our PPO iteration with each fast path switched off in turn (bench/fast_paths.py)")
+                   help="only our iteration (--algo ppo, grpo, dpo; all: the three) with each fast path switched off "
+                        "in turn (bench/fast_paths.py)")
     p.add_argument("--only", default=None, help="with --fast-paths: comma-separated names of the fast paths to switch off")
     a = p.parse_args(argv)
     if a.quick:
@@ -1053,11 +1061,15 @@ def main(argv=None) -> int:
             a.json.write_text(json.dumps({"settings": base.as_dict(), "machine": machine(), "scaling": rows}, indent=1))
         return 0
     if a.fast_paths:
-        print(f"# lightning-rlhf fast paths against their plain twins, PPO end to end, "
+        print(f"# lightning-rlhf fast paths against their plain twins, end to end, "
               f"{datetime.date.today().isoformat()}\nmachine: {machine()}")
-        print(f"settings: {json.dumps(base.as_dict())}; {a.warmup} warm-up + {a.iterations} timed iterations "
-              "per variant, interleaved; medians")
-        rows = fast_path_ablation(base, a.warmup, a.iterations, a.only.split(",") if a.only else None)
+        rows = []
+        for algo in ("ppo", "grpo", "dpo") if a.algo == "all" else (a.algo,):
+            s = (base if algo == "ppo" else dpo_settings(base, a.dpo_batch_size, a.dpo_steps) if algo == "dpo"
+                 else group_settings(base, algo, a.group_size))
+            print(f"settings: {json.dumps(s.as_dict())}; {a.warmup} warm-up + {a.iterations} timed iterations "
+                  "per variant, interleaved; medians")
+            rows += fast_path_ablation(s, a.warmup, a.iterations, a.only.split(",") if a.only else None)
         if a.json:
             a.json.write_text(json.dumps({"machine": machine(), "fast_paths": rows}, indent=1))
         return 0

@@ -1,7 +1,7 @@
-"""The fast Llama path (models/fast) against Hugging Face's forward and autograd's gradients: training
-(the layers as torch functions, traced by autograd) and inference (the explicit-softmax arithmetic that
-fills the sampler's KV cache), with left padding, GQA, biases, every RoPE the path claims (default,
-linear, llama3, yarn) and the last layer cut to n_last."""
+"""The fast Llama path (models/fast) against Hugging Face's forward and autograd's gradients: the fused
+layers (one autograd node, hand-written backward) and their plain twin (the same forward traced by
+autograd), with left padding, GQA, biases, every RoPE the path claims (default, linear, llama3, yarn)
+and the last layer cut to n_last."""
 
 from __future__ import annotations
 
@@ -53,34 +53,32 @@ def _hf_hidden(lm, ids, mask):
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=IDS)
 @pytest.mark.parametrize("n_last", [None, 4])
-def test_fast_trunk_equals_hugging_face_forward_and_gradients(tokenizer, kw, n_last):
+def test_fused_layers_and_their_twin_equal_hugging_face_forward_and_gradients(tokenizer, kw, n_last):
     lm = _llama(tokenizer, **kw).train()
     ids, mask = _batch(tokenizer)
-    assert llama.plan_for(lm, training=True) is not None
+    assert llama.fused_applies(lm, *ids.shape, grad=True)
     L = ids.shape[1]
     keep = n_last or L
     valid = mask.bool()[:, L - keep:]
     weight = torch.randn(3, keep, lm.config.hidden_size)  # a loss that sees every hidden unit differently
     grads, outs = [], []
-    for fast in (False, True):
+    for path in ("hf", "fused", "twin"):
         lm.zero_grad()
-        hidden = llama.llama_hidden(lm.base_model, ids, mask, n_last) if fast else _hf_hidden(lm, ids, mask)[:, L - keep:]
+        hidden = (_hf_hidden(lm, ids, mask)[:, L - keep:] if path == "hf"
+                  else llama.llama_hidden(lm.base_model, ids, mask, n_last, fused=path == "fused"))
         assert hidden.shape == (3, keep, lm.config.hidden_size)
         (hidden * weight)[valid].sum().backward()
         outs.append(hidden.detach()[valid])
         grads.append({n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None})
     assert len(grads[0]) == len(list(lm.base_model.parameters()))  # every trunk parameter gets a gradient
-    torch.testing.assert_close(outs[1], outs[0], atol=2e-6, rtol=1e-5)
-    assert grads[1].keys() == grads[0].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=2e-5, rtol=1e-4, msg=name)
-    with torch.no_grad():  # the inference arithmetic
-        assert llama.inference_plan(lm) is not None
-        inferred = llama.llama_hidden(lm.base_model, ids, mask, n_last, inference=True)
-    torch.testing.assert_close(inferred[valid], outs[0], atol=2e-6, rtol=1e-5)
+    for out, grad in zip(outs[1:], grads[1:]):
+        torch.testing.assert_close(out, outs[0], atol=2e-6, rtol=1e-5)
+        assert grad.keys() == grads[0].keys()
+        for name in grads[0]:
+            torch.testing.assert_close(grad[name], grads[0][name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-def test_padding_gets_finite_values_and_no_gradient_leak(tokenizer):
+def test_fused_layers_padding_gets_finite_values_and_no_gradient_leak(tokenizer):
     lm = _llama(tokenizer).train()
     ids, mask = _batch(tokenizer)
     hidden = llama.llama_hidden(lm.base_model, ids, mask)
@@ -98,12 +96,12 @@ def test_padding_gets_finite_values_and_no_gradient_leak(tokenizer):
         assert torch.isfinite(p.grad).all()
 
 
-def test_inference_keys_and_values_match_hugging_face_cache(tokenizer):
+def test_fused_inference_keys_and_values_match_hugging_face_cache(tokenizer):
     lm = _llama(tokenizer, num_key_value_heads=2).eval()
     ids, mask = _batch(tokenizer)
     kv = []
     with torch.no_grad():
-        last = llama.llama_hidden(lm.base_model, ids, mask, 1, kv_out=kv, inference=True)
+        last = llama.llama_hidden(lm.base_model, ids, mask, 1, kv_out=kv)
         out = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                             use_cache=True)
     torch.testing.assert_close(last[:, 0], out.last_hidden_state[:, -1], atol=2e-6, rtol=1e-5)
@@ -115,17 +113,18 @@ def test_inference_keys_and_values_match_hugging_face_cache(tokenizer):
         torch.testing.assert_close(v[valid], hv[valid], atol=2e-6, rtol=1e-5)
 
 
-def test_policy_forward_takes_the_fast_path_and_equals_hugging_face(tokenizer, monkeypatch):
-    from lightning_rlhf.models import fast
-
+def test_policy_forward_takes_the_fused_path_and_equals_the_autograd_one(tokenizer, monkeypatch):
     lm = _llama(tokenizer)
     policy = PolicyWithValueHead(lm).train()
     torch.nn.init.normal_(policy.value_head.weight)
     ids, mask = _batch(tokenizer)
-    calls, fast_hidden = [], fast.hidden_states
+    calls = []
+    fused = llama._FusedLayers
+    monkeypatch.setattr(llama, "_FusedLayers", type("Counted", (llama._FusedLayers,), {
+        "apply": staticmethod(lambda *a: calls.append(1) or fused.apply(*a))}))
     results = []
-    for hidden_states in (lambda *a: calls.append(1) or fast_hidden(*a), lambda *a: None):  # None: Hugging Face
-        monkeypatch.setattr(fast, "hidden_states", hidden_states)
+    for budget in (llama.SAVED_ATTENTION_BYTES, 0):  # a zero budget sends training to the twin (autograd)
+        monkeypatch.setattr(llama, "SAVED_ATTENTION_BYTES", budget)
         policy.zero_grad()
         logits, values = policy(ids, mask, 5)
         (logits.logsumexp(-1).sum() + values.sum()).backward()
@@ -137,13 +136,15 @@ def test_policy_forward_takes_the_fast_path_and_equals_hugging_face(tokenizer, m
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
-def test_inference_arithmetic_is_skipped_for_low_precision_and_training_for_checkpointing(tokenizer):
+def test_fused_path_is_skipped_for_low_precision_and_large_attention(tokenizer):
     lm = _llama(tokenizer)
-    assert llama.inference_plan(lm) is not None
-    assert llama.inference_plan(lm.to(torch.bfloat16)) is None and llama.plan_for(lm) is not None
+    assert llama.fused_applies(lm, 8, 64, grad=True)
+    assert not llama.fused_applies(lm, 4096, 4096, grad=True)  # probabilities over the budget
+    assert llama.fused_applies(lm, 4096, 4096, grad=False)  # nothing is kept without grad
+    assert not llama.fused_applies(lm.to(torch.bfloat16), 8, 64, grad=False)
     gc = _llama(tokenizer).train()
     gc.activation_checkpointing_enable()
-    assert llama.plan_for(gc, training=True) is None and llama.plan_for(gc) is not None
+    assert not llama.fused_applies(gc, 8, 64, grad=True)
 
 
 def test_trunk_hidden_states_n_last_is_the_tail_of_the_full_output(tokenizer):
@@ -227,7 +228,7 @@ def test_a_subclass_or_another_norm_is_not_the_llama_the_fast_path_knows(tokeniz
 
 
 def test_autocast_takes_the_autograd_and_hugging_face_paths(tokenizer):
-    """bf16-mixed (Lightning's autocast) takes the autograd path and Hugging Face's decoding, never the fp32 decoder."""
+    """bf16-mixed (Lightning's autocast) must not reach the fp32 hand-written backward or the decoder."""
     from lightning_rlhf.models.fast import LlamaDecoder
     from lightning_rlhf.sampling import sample
 
@@ -235,7 +236,7 @@ def test_autocast_takes_the_autograd_and_hugging_face_paths(tokenizer):
     policy = PolicyWithValueHead(lm).train()
     ids, mask = _batch(tokenizer)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert llama.inference_plan(lm) is None
+        assert not llama.fused_applies(lm, *ids.shape, grad=True)
         assert LlamaDecoder.build(lm) is None
         logits, values = policy(ids, mask, 5)
         (logits.float().logsumexp(-1).sum() + values.sum()).backward()
@@ -243,7 +244,7 @@ def test_autocast_takes_the_autograd_and_hugging_face_paths(tokenizer):
                      with_logprobs=True, value_head=policy.value_head)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in policy.parameters())
     assert out.response_ids.shape == (3, 4) and torch.isfinite(out.logprobs).all()
-    assert llama.inference_plan(lm) is not None  # and back once autocast is off
+    assert llama.fused_applies(lm, *ids.shape, grad=True)  # and back once autocast is off
 
 
 def test_plan_follows_replaced_parameters_and_other_activations(tokenizer):
@@ -255,10 +256,19 @@ def test_plan_follows_replaced_parameters_and_other_activations(tokenizer):
         lm.base_model.layers[1].load_state_dict(state, assign=True)  # new Parameter objects, middle of the stack
         torch.testing.assert_close(llama.llama_hidden(lm.base_model, ids, mask)[mask.bool()],
                                    _hf_hidden(lm, ids, mask)[mask.bool()], atol=2e-5, rtol=1e-5)
-    gelu = _llama(tokenizer, hidden_act="gelu").train()  # training takes any activation, inference SiLU
-    assert llama.plan_for(gelu, training=True) is not None and llama.inference_plan(gelu) is None
+    gelu = _llama(tokenizer, hidden_act="gelu").train()  # the twin takes any activation, the fused layers SiLU
+    assert llama.plan_for(gelu, training=True) is not None and not llama.fused_applies(gelu, 3, 8, grad=False)
     hidden = trunk_hidden_states(gelu, ids, mask)
     torch.testing.assert_close(hidden[mask.bool()], _hf_hidden(gelu, ids, mask)[mask.bool()], atol=2e-6, rtol=1e-5)
+
+
+def test_a_second_backward_through_the_fused_layers_says_why_it_cannot(tokenizer):
+    lm = _llama(tokenizer).train()
+    ids, mask = _batch(tokenizer)
+    out = llama.llama_hidden(lm.base_model, ids, mask).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        out.backward()
 
 
 def test_training_features_the_fast_path_lacks_go_to_hugging_face(tokenizer):

@@ -19,9 +19,9 @@ class LlamaDecoder:
     of `sample`: q, k and v in one matmul, gate and up in another, the output projections added onto
     the residual with addmm; RoPE rotates q and k together. A decode step is then ~15 kernels a layer
     instead of ~30 Hugging Face module calls: on small models decoding is bound by that overhead, not
-    by arithmetic. The prefill is `llama_hidden`'s inference arithmetic, which also fills the KV cache.
-    Same arithmetic as `LlamaModel` up to float rounding. `build` returns None where that does not
-    apply (`inference_plan`).
+    by arithmetic. The prefill is `llama_hidden` (fused inference), which also fills the KV cache.
+    Same arithmetic as `LlamaModel` up to float rounding. `build` returns None where the fused layers
+    do not apply (`inference_plan`).
     """
 
     def __init__(self, lm: nn.Module, plan: Plan):
@@ -49,8 +49,7 @@ class LlamaDecoder:
         B, P = prompt_ids.shape
         K = P + max_new_tokens  # cache positions
         kv = []
-        hidden = llama_hidden(self.base, prompt_ids, prompt_mask.long(), 1, kv_out=kv, plan=self.plan,
-                              inference=True)[:, 0]
+        hidden = llama_hidden(self.base, prompt_ids, prompt_mask.long(), 1, kv_out=kv, plan=self.plan)[:, 0]
         first = position_ids_from_mask(prompt_mask.long())[:, -1:] + 1
         positions = first + torch.arange(max_new_tokens, device=first.device)  # (B, steps), all < K
         cos, sin = self.plan.rope(positions, hidden.dtype, bound=K)  # (B, steps, 1, D)
