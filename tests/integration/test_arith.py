@@ -4,24 +4,15 @@ code 2 and one line, non-finite rewards masked when configured, and math_files t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-RLHF_TRAIN = str(Path(sys.executable).parent / "rlhf-train")
+from tests.integration.cli import ROOT, rlhf_train
+
 TINY = ["trainer.enable_progress_bar=false", "data.num_sft_examples=256", "trainer.sft.epochs=1",
         "trainer.ppo.iterations=2", "trainer.eval_every=1", "data.num_eval_prompts=32", "checkpoint.enabled=false"]
-
-
-def rlhf_train(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT),
-           "LIGHTNING_RLHF_CACHE": str(folder / "cache")}
-    return subprocess.run([RLHF_TRAIN, f"hydra.run.dir={folder / 'run'}", *overrides], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=ROOT)
 
 
 def test_arith_runs_sft_then_grpo_with_rule_rewards(tmp_path):

@@ -6,18 +6,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_rlhf.stages.best_of_n import analytic_kl, best_of_n_log_ratio
+from tests.integration.cli import rlhf_train
 
-ROOT = Path(__file__).resolve().parents[2]
-RLHF_TRAIN = str(Path(sys.executable).parent / "rlhf-train")
 TINY = ["trainer.enable_progress_bar=false", "data.num_sft_examples=256", "trainer.sft.epochs=1",
         "trainer.rm.num_pairs=64", "trainer.rm.epochs=1", "data.num_eval_prompts=16", "checkpoint.enabled=false"]
 
@@ -51,13 +47,6 @@ def test_without_ties_the_measured_kl_tends_to_the_analytic_one():
     kl = best_of_n_log_ratio(u, u, n).mean()
     assert float(kl) == pytest.approx(analytic_kl(n), abs=0.02)
     assert analytic_kl(1) == 0.0 and analytic_kl(4) == pytest.approx(math.log(4) - 0.75)
-
-
-def rlhf_train(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT),
-           "LIGHTNING_RLHF_CACHE": str(folder / "cache")}
-    return subprocess.run([RLHF_TRAIN, f"hydra.run.dir={folder / 'run'}", *overrides], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=ROOT)
 
 
 def test_best_of_n_pipeline_through_the_cli(tmp_path):

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
+from tests.integration.cli import RLHF_TRAIN, ROOT, rlhf_train
 from tests.integration.test_resume import ITERATIONS, kill_and_resume
 
-ROOT = Path(__file__).resolve().parents[2]
-RLHF_TRAIN = str(Path(sys.executable).parent / "rlhf-train")
 TINY = ["algorithm=ilql", "trainer.enable_progress_bar=false", "hardware.threads=1", "logger=none",
         "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
         "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2",
@@ -25,13 +24,6 @@ TINY = ["algorithm=ilql", "trainer.enable_progress_bar=false", "hardware.threads
         "trainer.rm.num_pairs=48", "trainer.rm.epochs=1", "trainer.ilql.epochs=1", "trainer.ilql.batch_size=8",
         "trainer.ilql.micro_batch_size=4", "trainer.ilql.lr=1e-2", "trainer.ilql.eval_betas=[0,4]",
         "trainer.eval_every=4", "checkpoint.every=4", "algorithm.alpha=0.5", "algorithm.target_sync_every=2"]
-
-
-def rlhf_train(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT),
-           "LIGHTNING_RLHF_CACHE": str(folder / "cache")}
-    return subprocess.run([RLHF_TRAIN, f"hydra.run.dir={folder / 'run'}", *overrides], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=ROOT)
 
 
 def test_ilql_pipeline_on_the_review_world(tmp_path):

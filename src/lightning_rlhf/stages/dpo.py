@@ -13,18 +13,13 @@ import logging
 import time
 from pathlib import Path
 
-from torch.utils.data import DataLoader
 
 from lightning_rlhf.algorithms.preference import DPOModule, OnlineDPOModule, Pair, PairBatches
-from lightning_rlhf.checkpointing import IterationSampler, PPOCheckpoint, checkpoint_dir, config_hash
 from lightning_rlhf.config import RunConfig
-from lightning_rlhf.data.prompts import PromptBatches, encode_prompts, fit_prompts, left_pad
+from lightning_rlhf.data.prompts import PromptBatches, encode_prompts, fit_prompts
 from lightning_rlhf.models.loading import load_causal_lm
 from lightning_rlhf.models.lora import build_policy_and_ref
-from lightning_rlhf.stages.common import build_trainer
-from lightning_rlhf.rewards.functions import resolve_callable
-from lightning_rlhf.stages.ppo import (EvalEvery, OnlineRLStage, build_reward, policy_source, prompt_texts,
-                                      save_policy)
+from lightning_rlhf.stages.ppo import OnlineRLStage, build_reward, fit_and_evaluate, policy_source, prompt_texts
 
 log = logging.getLogger("lightning_rlhf")
 
@@ -59,47 +54,6 @@ def file_pairs(cfg: RunConfig, tokenizer) -> list[Pair]:
     return [(c[:n], c[n:], r[m:]) for (c, n), (r, m) in zip(chosen, rejected) if n < len(c) and m < len(r)]
 
 
-def fit_and_evaluate(cfg: RunConfig, folder: Path, module, make_dataset, ckpt_path: Path | None, t0: float) -> dict:
-    """Held-out evaluations before, every trainer.eval_every steps and after; checkpoints; the fit over
-    `make_dataset(trainer)` (item i: the batch of step i); the policy saved. -> the stage's summary."""
-    tokenizer, ckpt = module.tokenizer, cfg.checkpoint
-    gold_fn = resolve_callable(cfg.data.gold) if cfg.data.gold else None
-    eval_batch = left_pad(encode_prompts(tokenizer, prompt_texts(cfg, "heldout", cfg.data.num_eval_prompts, tokenizer),
-                                         cfg.data.max_prompt_len), tokenizer.pad_token_id)
-    samples_every = cfg.logger.samples_every if cfg.logger.name == "wandb" else None
-    evaluator = EvalEvery(module, eval_batch, gold_fn, cfg.trainer.eval_every, folder, samples_every)
-    sampler = IterationSampler(0)
-    checkpointer = PPOCheckpoint(checkpoint_dir(cfg, folder), ckpt.every if ckpt.enabled else 0, ckpt.keep_last,
-                                 0, sampler, config_hash(cfg), save_final=ckpt.enabled)
-    trainer = build_trainer(cfg, folder, cfg.algorithm.name, max_epochs=1, callbacks=[evaluator, checkpointer])
-    evaluator.loggers = trainer.loggers
-    dataset = make_dataset(trainer)
-    steps = len(dataset)  # known once the trainer knows the ranks
-    sampler.n = evaluator.iterations = checkpointer.iterations = steps
-    if ckpt_path is None:
-        evaluator.run(0)
-    else:
-        log.info("resuming %s from %s", cfg.algorithm.name, ckpt_path)
-    trainer.fit(module, DataLoader(dataset, batch_size=None, sampler=sampler), ckpt_path=ckpt_path, weights_only=False)
-    initial, final = evaluator.history[0], evaluator.run(steps)
-    if trainer.is_global_zero:
-        save_policy(module.policy, tokenizer, folder / "policy")
-    trainer.strategy.barrier()
-    result = {
-        "resumed_from_iteration": checkpointer.resumed_from,
-        "proxy_reward_initial": initial["val/proxy_reward"],
-        "proxy_reward_final": final["val/proxy_reward"],
-        "kl_final": final["val/kl"],
-        "optimizer_steps": steps,
-        "wall_s": time.perf_counter() - t0,
-        "policy": str(folder / "policy"),
-        "samples": {"initial": evaluator.samples[0], "final": evaluator.samples[steps]},
-    }
-    if gold_fn is not None:
-        result |= {"gold_score_initial": initial["val/gold_score"], "gold_score_final": final["val/gold_score"]}
-    return result
-
-
 def run_dpo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward_path: str | None = None,
             ckpt_path: Path | None = None) -> dict:
     """Fit DPO in `folder` (checkpoints in checkpoint.dir); from `ckpt_path` when given (resume)."""
@@ -115,7 +69,7 @@ def run_dpo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward
     dpo = cfg.trainer.dpo
     make = lambda tr: PairBatches(len(pairs), dpo.batch_size, dpo.epochs, cfg.seed, tr.global_rank,  # noqa: E731
                                   tr.world_size)
-    return fit_and_evaluate(cfg, folder, module, make, ckpt_path, t0) | {"num_pairs": len(pairs)}
+    return fit_and_evaluate(cfg, folder, module, make, ckpt_path, t0, weights_only=False) | {"num_pairs": len(pairs)}
 
 
 def run_online_dpo(cfg: RunConfig, folder: Path, policy_path: str | None = None, reward_path: str | None = None,
@@ -131,7 +85,7 @@ def run_online_dpo(cfg: RunConfig, folder: Path, policy_path: str | None = None,
                              cfg.data.max_prompt_len)
     make = lambda tr: PromptBatches(prompts, ppo.rollout_batch_size, ppo.iterations,  # noqa: E731
                                     tokenizer.pad_token_id, cfg.seed, tr.global_rank, tr.world_size)
-    return fit_and_evaluate(cfg, folder, module, make, ckpt_path, t0)
+    return fit_and_evaluate(cfg, folder, module, make, ckpt_path, t0, weights_only=False)
 
 
 class DPOStage(OnlineRLStage):

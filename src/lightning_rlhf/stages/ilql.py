@@ -19,19 +19,18 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from lightning_rlhf.algorithms.offline import Completion, ILQLModule, build_heads, collate_completions, evaluate_steered
 from lightning_rlhf.algorithms.preference import PairBatches
-from lightning_rlhf.checkpointing import IterationSampler, PPOCheckpoint, checkpoint_dir, config_hash, publish
+from lightning_rlhf.checkpointing import publish
 from lightning_rlhf.config import ConfigError, RunConfig
-from lightning_rlhf.data.prompts import encode_prompts, left_pad
+from lightning_rlhf.data.prompts import encode_prompts
 from lightning_rlhf.models.loading import load_causal_lm
 from lightning_rlhf.models.lora import build_policy_and_ref
 from lightning_rlhf.models.reward import Sequences
 from lightning_rlhf.rewards.functions import as_reward_output, resolve_callable
-from lightning_rlhf.stages.common import build_trainer, write_csv
-from lightning_rlhf.stages.ppo import EvalEvery, OnlineRLStage, build_reward, policy_source, prompt_rows
+from lightning_rlhf.stages.common import write_csv
+from lightning_rlhf.stages.ppo import EvalEvery, OnlineRLStage, build_reward, fit_and_evaluate, policy_source
 
 log = logging.getLogger("lightning_rlhf")
 
@@ -143,49 +142,22 @@ def run_ilql(cfg: RunConfig, folder: Path, policy_path: str | None = None, rewar
     policy, ref = build_policy_and_ref(lm, cfg.model.lora, value_head=False)
     module = ILQLModule(policy, build_heads(lm, cfg.algorithm.num_q_heads), ref, reward, tokenizer, cfg, data)
 
-    ilql, ckpt = cfg.trainer.ilql, cfg.checkpoint
-    gold_fn = resolve_callable(cfg.data.gold) if cfg.data.gold else None
-    eval_texts, eval_columns = prompt_rows(cfg, "heldout", cfg.data.num_eval_prompts, tokenizer)
-    eval_batch = left_pad(encode_prompts(tokenizer, eval_texts, cfg.data.max_prompt_len), tokenizer.pad_token_id)
-    samples_every = cfg.logger.samples_every if cfg.logger.name == "wandb" else None
-    evaluator = SteeredEvalEvery(module, eval_batch, gold_fn, cfg.trainer.eval_every, folder, samples_every,
-                                 eval_columns=eval_columns)
-    sampler = IterationSampler(0)
-    checkpointer = PPOCheckpoint(checkpoint_dir(cfg, folder), ckpt.every if ckpt.enabled else 0, ckpt.keep_last,
-                                 0, sampler, config_hash(cfg), save_final=ckpt.enabled)
-    trainer = build_trainer(cfg, folder, "ilql", max_epochs=1, callbacks=[evaluator, checkpointer])
-    evaluator.loggers = trainer.loggers
-    dataset = PairBatches(len(data), ilql.batch_size, ilql.epochs, cfg.seed, trainer.global_rank, trainer.world_size)
-    steps = len(dataset)  # known once the trainer knows the ranks
-    sampler.n = evaluator.iterations = checkpointer.iterations = steps
-    if ckpt_path is None:
-        evaluator.run(0)
-    else:
-        log.info("resuming ILQL from %s", ckpt_path)
-    trainer.fit(module, DataLoader(dataset, batch_size=None, sampler=sampler), ckpt_path=ckpt_path, weights_only=True)
-    initial, final = evaluator.history[0], evaluator.run(steps)
-    table = beta_table(evaluator, sorted(set(ilql.eval_betas)))
-    if trainer.is_global_zero:
+    ilql = cfg.trainer.ilql
+
+    def extra(evaluator, initial):
+        return {"num_completions": len(data), "ilql_beta": cfg.generation.ilql_beta,
+                "ilql_beta_table": beta_table(evaluator, sorted(set(ilql.eval_betas)))}
+
+    def save(module, folder, more, initial):
         save_steered_policy(module.policy, module.heads, tokenizer, folder / "policy")
-        write_csv(folder / "ilql_beta.csv", table)
-        plot_beta_table(table, initial, folder / "plots" / "ilql_beta.png")
-    trainer.strategy.barrier()
-    result = {
-        "resumed_from_iteration": checkpointer.resumed_from,
-        "proxy_reward_initial": initial["val/proxy_reward"],
-        "proxy_reward_final": final["val/proxy_reward"],
-        "kl_final": final["val/kl"],
-        "optimizer_steps": steps,
-        "num_completions": len(data),
-        "wall_s": time.perf_counter() - t0,
-        "policy": str(folder / "policy"),
-        "ilql_beta": cfg.generation.ilql_beta,
-        "ilql_beta_table": table,
-        "samples": {"initial": evaluator.samples[0], "final": evaluator.samples[steps]},
-    }
-    if gold_fn is not None:
-        result |= {"gold_score_initial": initial["val/gold_score"], "gold_score_final": final["val/gold_score"]}
-    return result
+        write_csv(folder / "ilql_beta.csv", more["ilql_beta_table"])
+        plot_beta_table(more["ilql_beta_table"], initial, folder / "plots" / "ilql_beta.png")
+
+    def make(trainer):
+        return PairBatches(len(data), ilql.batch_size, ilql.epochs, cfg.seed, trainer.global_rank, trainer.world_size)
+
+    return fit_and_evaluate(cfg, folder, module, make, ckpt_path, t0, evaluator_cls=SteeredEvalEvery, save=save,
+                            extra=extra)
 
 
 class ILQLStage(OnlineRLStage):

@@ -137,6 +137,61 @@ def save_policy(policy, tokenizer, path: Path) -> None:
     publish(tmp, path)
 
 
+def fit_and_evaluate(cfg: RunConfig, folder: Path, module, make_dataset, ckpt_path: Path | None, t0: float,
+                     evaluator_cls=None, weights_only: bool = True, save=None, extra=None) -> dict:
+    """The tail every step-based stage shares (DPO, online DPO, ILQL): held-out evaluations before, every
+    trainer.eval_every steps and after; checkpoints (exact resume from `ckpt_path`); the fit over
+    `make_dataset(trainer)` (item i: the batch of step i); the policy saved on rank 0. -> the summary.
+
+    evaluator_cls: EvalEvery or a subclass; extra(evaluator, initial) -> more summary keys, on every rank
+    after the last evaluation; save(module, folder, more, initial): what rank 0 writes, `more` being
+    extra's keys (default: the policy's Hugging Face folder).
+    """
+    tokenizer, ckpt = module.tokenizer, cfg.checkpoint
+    gold_fn = resolve_callable(cfg.data.gold) if cfg.data.gold else None
+    eval_texts, eval_columns = prompt_rows(cfg, "heldout", cfg.data.num_eval_prompts, tokenizer)
+    eval_batch = left_pad(encode_prompts(tokenizer, eval_texts, cfg.data.max_prompt_len), tokenizer.pad_token_id)
+    samples_every = cfg.logger.samples_every if cfg.logger.name == "wandb" else None
+    evaluator = (evaluator_cls or EvalEvery)(module, eval_batch, gold_fn, cfg.trainer.eval_every, folder, samples_every,
+                                             eval_columns=eval_columns)
+    sampler = IterationSampler(0)
+    checkpointer = PPOCheckpoint(checkpoint_dir(cfg, folder), ckpt.every if ckpt.enabled else 0, ckpt.keep_last,
+                                 0, sampler, config_hash(cfg), save_final=ckpt.enabled)
+    trainer = build_trainer(cfg, folder, cfg.algorithm.name, max_epochs=1, callbacks=[evaluator, checkpointer])
+    evaluator.loggers = trainer.loggers
+    dataset = make_dataset(trainer)
+    steps = len(dataset)  # known once the trainer knows the ranks
+    sampler.n = evaluator.iterations = checkpointer.iterations = steps
+    if ckpt_path is None:
+        evaluator.run(0)
+    else:
+        log.info("resuming %s from %s", cfg.algorithm.name, ckpt_path)
+    trainer.fit(module, DataLoader(dataset, batch_size=None, sampler=sampler), ckpt_path=ckpt_path,
+                weights_only=weights_only)
+    initial, final = evaluator.history[0], evaluator.run(steps)
+    more = extra(evaluator, initial) if extra is not None else {}
+    if trainer.is_global_zero:
+        if save is None:
+            save_policy(module.policy, tokenizer, folder / "policy")
+        else:
+            save(module, folder, more, initial)
+    trainer.strategy.barrier()  # what rank 0 saved is complete before any rank goes on
+    result = {
+        "resumed_from_iteration": checkpointer.resumed_from,
+        "proxy_reward_initial": initial["val/proxy_reward"],
+        "proxy_reward_final": final["val/proxy_reward"],
+        "kl_final": final["val/kl"],
+        "optimizer_steps": steps,
+        "wall_s": time.perf_counter() - t0,
+        "policy": str(folder / "policy"),
+    }
+    result |= more
+    result["samples"] = {"initial": evaluator.samples[0], "final": evaluator.samples[steps]}
+    if gold_fn is not None:
+        result |= {"gold_score_initial": initial["val/gold_score"], "gold_score_final": final["val/gold_score"]}
+    return result
+
+
 def policy_source(cfg: RunConfig, policy_path: str | None):
     """Seed the run; -> the policy's tokenizer and model config: the SFT policy at `policy_path` (from the
     pipeline), else model.*."""
