@@ -80,7 +80,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     lora: Optional[LoraConfig] = None  # null = full fine-tuning
     # torch.compile (inductor, dynamic shapes) for the policy's training forward/backward and decode step,
-    # where the fast Llama path covers the model (models/fast); compile time is reported in the log
+    # where the fast Llama path covers the model (models/fast); measured with its compile time in bench/RESULTS.md
     compile: bool = False
 
     def check(self) -> None:

@@ -6,7 +6,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-
 from transformers import LlamaForSequenceClassification
 
 from lightning_rlhf.models import fast

@@ -147,7 +147,7 @@ def layers_forward(x, cos, sin, bias, spec: Spec, n_last: int, layers: Sequence[
 
 
 class _FusedLayers(torch.autograd.Function):
-    """`layers_forward` as one autograd node; its inputs are x, the tables, the bias, then `Plan.flat()`."""
+    """`layers_forward` as one autograd node; its inputs are x, the tables, the bias, then `Plan.flat`."""
 
     @staticmethod
     def forward(ctx, x, cos, sin, bias, spec, n_last, *flat):
@@ -234,7 +234,7 @@ def llama_hidden(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     x = F.embedding(input_ids, plan.embed)
     cos, sin = plan.rope(position_ids_from_mask(attention_mask), x.dtype)
     bias = attention_bias(attention_mask, x.dtype)
-    flat = plan.flat()
+    flat = plan.flat
     grad = torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in flat))
     if kv_out is not None and (grad or not fused):
         raise ValueError("kv_out is for the fused path's inference only")
@@ -258,8 +258,10 @@ def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     fast paths, or None where they do not cover the model (then use Hugging Face's forward).
     (B, L) -> (B, n_last, H)."""
     grad = torch.is_grad_enabled()
-    plan = fused_plan(lm, input_ids.shape[0], input_ids.shape[1], grad)
-    if plan is not None and not (grad and _COMPILE.get(lm.base_model, False)):  # compiled: the twin
+    base = getattr(lm, "base_model", None)
+    compiled_training = grad and base is not None and _COMPILE.get(base, False)  # model.compile: the twin
+    plan = None if compiled_training else fused_plan(lm, input_ids.shape[0], input_ids.shape[1], grad)
+    if plan is not None:
         return llama_hidden(lm.base_model, input_ids, attention_mask, n_last, plan=plan)
     plan = plan_for(lm, training=grad and lm.training)
     if plan is None:

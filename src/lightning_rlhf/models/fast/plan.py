@@ -110,6 +110,7 @@ class Plan:
     def __init__(self, base: nn.Module):
         cfg = base.config
         self.layers = [LayerWeights.of(layer) for layer in base.layers]
+        self.flat = tuple(t for layer in self.layers for t in layer)  # an autograd.Function's positional inputs
         acts = [_activation(layer.mlp.act_fn) for layer in base.layers]
         self.spec = Spec(len(base.layers), cfg.num_attention_heads, cfg.num_key_value_heads,
                          getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
@@ -121,10 +122,6 @@ class Plan:
         self.rotary, self.inv_freq = base.rotary_emb, base.rotary_emb.inv_freq
         self.registrations = _registrations
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def flat(self) -> tuple[torch.Tensor | None, ...]:
-        """Every layer's weights in order, for an autograd.Function's positional inputs."""
-        return tuple(t for layer in self.layers for t in layer)
 
     def current(self, base: nn.Module) -> bool:
         """Nothing was registered since the Plan was made, and its tensors are the model's."""
