@@ -166,4 +166,12 @@ def test_overoptimisation_sweeps_proxy_sizes_ppo_and_best_of_n_with_the_grammar_
         assert run_cfg.algorithm.n == 8 and run_cfg.loss.kl_coef == 0.0625  # one knob: PPO reads 0.5 / n
         assert run_cfg.data.gold["_target_"].endswith("reviews.GrammarGold")
         assert run_cfg.trainer.rm.labeller["_target_"].endswith("reviews.grammar_gold_score")
-    assert _validate(_compose()).trainer.rm.labeller is None  # not the default yet
+    default = _validate(_compose())
+    assert default.trainer.rm.labeller is None  # null: the labeller judges as data.gold does
+    assert default.data.gold["_target_"].endswith("reviews.GrammarGold")  # the review world's default gold
+
+
+def test_the_vader_only_gold_keeps_its_own_name():
+    cfg = _validate(_compose("data=reviews_vader"))
+    assert cfg.data.gold["_target_"].endswith("reviews.VaderReward") and cfg.trainer.rm.labeller is None
+    assert cfg.data.source == "reviews" and cfg.data.num_prompts == _validate(_compose()).data.num_prompts

@@ -227,7 +227,7 @@ class DataConfig:
     num_eval_prompts: int = 128
     max_prompt_len: int = 16
     seed: int = 0
-    gold: Optional[Any] = None  # {_target_: ...}: a gold scorer f(prompts, responses, **columns) for evaluation only
+    gold: Optional[Any] = None  # {_target_: ...}: a gold scorer f(prompts, responses, **columns) for evaluation (and the review world's labeller)
     gold_name: Optional[str] = None  # also report the gold score as <name>_sft/_final and plots/<name>.png
     arith: ArithConfig = field(default_factory=ArithConfig)  # data.source=arith
 
@@ -519,8 +519,8 @@ class RMTrainConfig:
     lr: float = 1e-3
     init: str = "policy"  # policy: start from the SFT model's weights | config: fresh model.config
     # review world: the simulated labeller's judgement, {_target_: f(texts) -> scores} of whole reviews (its
-    # Bradley-Terry noise is label_temperature); null: VADER's compound (data.reviews.gold_score). The
-    # grammar-aware one: {_target_: lightning_rlhf.data.reviews.grammar_gold_score}
+    # Bradley-Terry noise is label_temperature); null: data.gold's (stages/rm.py labeller_of_gold), the
+    # grammar-aware gold by default. VADER alone: {_target_: lightning_rlhf.data.reviews.gold_score}
     labeller: Optional[Any] = None
     # init=config: the keys of model.config to change for the reward model (its own width/depth, e.g.
     # {hidden_size: 32, num_hidden_layers: 1}); null: model.config as it is

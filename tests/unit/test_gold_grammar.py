@@ -132,3 +132,22 @@ def test_the_reward_model_stage_labels_with_trainer_rm_labeller():
     grammar = label_pairs(pairs, cfg)
     assert all(chosen == [1, 2] and margin > 1.0 for chosen, _, margin in grammar)
     assert any(chosen == [3, 4] for chosen, _, _ in vader)
+
+
+def test_a_null_labeller_judges_as_data_gold_does():
+    from lightning_rlhf.config import RunConfig
+    from lightning_rlhf.stages.rm import label_pairs, labeller_of_gold
+
+    movie = "i watched this movie last night and"
+    texts = [f"{PRODUCT} the design is great and it works perfectly .", f"{PRODUCT} i would recommend recommend",
+             f"{movie} the story is great !", f"{movie} the story is terrible , i hated it .", "great great great"]
+    cfg = RunConfig()
+    assert labeller_of_gold(cfg) is R.gold_score  # no gold: VADER's compound of the text
+    cfg.data.gold = {"_target_": "lightning_rlhf.data.reviews.GrammarGold"}
+    assert labeller_of_gold(cfg)(texts) == R.grammar_gold_score(texts)
+    cfg.data.gold = {"_target_": "lightning_rlhf.data.reviews.VaderReward"}
+    assert labeller_of_gold(cfg)(texts) == R.gold_score(texts)  # data=reviews_vader: the earlier labels exactly
+    assert labeller_of_gold(cfg)([]) == []
+    pairs = [([1, 2], [3, 4], texts[1], texts[0])] * 200
+    cfg.data.gold = {"_target_": "lightning_rlhf.data.reviews.GrammarGold"}
+    assert all(chosen == [3, 4] and margin > 1.0 for chosen, _, margin in label_pairs(pairs, cfg))

@@ -48,3 +48,14 @@ def test_ilql_steering_does_not_change_the_reward_model_key_but_sampling_does():
     rm = RewardModelStage()
     assert cache.stage_key(base, rm) == cache.stage_key(steered, rm)
     assert cache.stage_key(base, rm) != cache.stage_key(hotter, rm)
+
+
+def test_the_gold_moves_the_reward_model_key_only_when_the_labeller_follows_it():
+    grammar, vader = ({"_target_": f"lightning_rlhf.data.reviews.{n}"} for n in ("GrammarGold", "VaderReward"))
+    base, other = tiny_run_config(data={"gold": grammar}), tiny_run_config(data={"gold": vader})
+    sft, rm = SFTStage(), RewardModelStage()
+    assert cache.stage_key(base, sft) == cache.stage_key(other, sft)  # SFT never reads the gold
+    assert cache.stage_key(base, rm) != cache.stage_key(other, rm)  # trainer.rm.labeller: null labels with it
+    own = {"_target_": "lightning_rlhf.data.reviews.gold_score"}
+    base.trainer.rm.labeller = other.trainer.rm.labeller = own
+    assert cache.stage_key(base, rm) == cache.stage_key(other, rm)  # its own labeller: the gold is evaluation only

@@ -55,7 +55,8 @@ class SFTStage(Stage):
     def cache_parts(self, cfg):
         from lightning_rlhf.data.files import fingerprint
 
-        return {"seed": cfg.seed, "model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
+        data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("gold", "gold_name")}  # eval only
+        return {"seed": cfg.seed, "model": dataclasses.asdict(cfg.model), "data": data,
                 "hardware": _numerics(cfg), "data_files": fingerprint(cfg.data),  # the files' bytes, not their paths
                 "sft": dataclasses.asdict(cfg.trainer.sft)}
 
@@ -75,7 +76,8 @@ class RewardModelStage(SFTStage):
         return ("sft",)
 
     def cache_parts(self, cfg):
-        return super().cache_parts(cfg) | {"rm": dataclasses.asdict(cfg.trainer.rm),
+        labeller = cfg.data.gold if cfg.trainer.rm.labeller is None else None  # stages/rm.py labeller_of_gold
+        return super().cache_parts(cfg) | {"rm": dataclasses.asdict(cfg.trainer.rm), "labeller_gold": labeller,
                                            "generation": sampling_parts(cfg)}
 
     def run(self, cfg, folder, policy_path=None, **inputs):

@@ -1,8 +1,9 @@
 """Content-addressed cache of the pipeline's SFT and reward-model outputs.
 
 The key of a stage is a hash of everything its output depends on: the config sections the stage
-declares (`Stage.cache_parts`: `model`, `data`, `seed`, hardware numerics, `trainer.sft`; for the
-reward model also `trainer.rm`, `generation`), the key of the stage it takes its input from, and a
+declares (`Stage.cache_parts`: `model`, `data` but its evaluation-only gold, `seed`, hardware numerics,
+`trainer.sft`; for the reward model also `trainer.rm`, `generation` and, when the labeller follows it,
+`data.gold`), the key of the stage it takes its input from, and a
 fingerprint of the package's source files that the stage's module imports (its import closure,
 read from the code, not a hand-kept list), so a code change never serves a stale model. A sweep's jobs that differ only in PPO settings therefore
 share one SFT and one reward model; jobs with different seeds get their own (the error bars of a

@@ -44,13 +44,33 @@ def sample_pairs(lm, tokenizer, prompts: list[str], cfg: RunConfig, batch_size: 
     return out
 
 
+def labeller_of_gold(cfg: RunConfig):
+    """The simulated labeller's judgement when trainer.rm.labeller is null: the review world's gold
+    (data.gold, f(prompts, responses)) applied to whole reviews split at their prompt, so that the labels
+    and the evaluation judge alike; VADER's compound of the whole text when data.gold is null."""
+    from lightning_rlhf.data.reviews import gold_score, split_review
+    from lightning_rlhf.rewards.functions import resolve_callable
+
+    if cfg.data.gold is None:
+        return gold_score
+    gold = resolve_callable(cfg.data.gold)
+
+    def score(texts: list[str]) -> list[float]:
+        if not texts:
+            return []
+        prompts, responses = zip(*map(split_review, texts))
+        return list(gold(list(prompts), list(responses)))
+
+    return score
+
+
 def label_pairs(pairs, cfg: RunConfig):
     """-> (chosen_ids, rejected_ids, gold_margin) triples labelled by the simulated human."""
-    from lightning_rlhf.data.reviews import gold_score, label_preferences
+    from lightning_rlhf.data.reviews import label_preferences
     from lightning_rlhf.rewards.functions import resolve_callable
 
     rm_cfg = cfg.trainer.rm
-    score = gold_score if rm_cfg.labeller is None else resolve_callable(rm_cfg.labeller)  # trainer.rm.labeller
+    score = labeller_of_gold(cfg) if rm_cfg.labeller is None else resolve_callable(rm_cfg.labeller)  # trainer.rm.labeller
     a_texts, b_texts = [p[2] for p in pairs], [p[3] for p in pairs]
     gold_a, gold_b = list(score(a_texts)), list(score(b_texts))
     prefs = label_preferences(a_texts, b_texts, seed=cfg.seed, temperature=rm_cfg.label_temperature,
