@@ -95,6 +95,13 @@ def _candidates(key: str, spec: str) -> list:
     return [value]
 
 
+def _as_override(value) -> str:
+    """A candidate back in the override grammar: a dict as {k:v,...} (a sweep over trainer.rm.config)."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_as_override(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
 # every sweep on the default task; `seeds` with every experiment; kl_frontier with its experiment
 COMBINATIONS = [(name, None) for name in SWEEPS] + [("seeds", e) for e in EXPERIMENTS] + [("kl_frontier", "kl_frontier")]
 
@@ -109,7 +116,7 @@ def test_sweep_composes_and_every_launchable_value_validates(name, experiment):
     for key, spec in params.items():
         assert OmegaConf.select(cfg, key, default=MISSING) is not MISSING, f"{name}: {key} is not a config key"
         for value in _candidates(key, str(spec)):
-            _validate(_compose(*base, f"{key}={value}"))
+            _validate(_compose(*base, f"{key}={_as_override(value)}"))
 
 
 ALGORITHMS = sorted(p.stem for p in (CONF / "algorithm").glob("*.yaml"))
@@ -169,6 +176,23 @@ def test_overoptimisation_sweeps_proxy_sizes_ppo_and_best_of_n_with_the_grammar_
     default = _validate(_compose())
     assert default.trainer.rm.labeller is None  # null: the labeller judges as data.gold does
     assert default.data.gold["_target_"].endswith("reviews.GrammarGold")  # the review world's default gold
+
+
+def test_overoptimisation_width_sweeps_the_proxy_architecture_on_fixed_data():
+    cfg = _compose("sweep=overoptimisation_width", hydra=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params) == {"trainer.rm.num_pairs", "trainer.rm.config", "algorithm", "algorithm.n", "seed"}
+    assert str(params["trainer.rm.num_pairs"]) == "6000"
+    assert cfg.hydra.sweep.dir.startswith("multirun/overoptimisation_width/")
+    widths = []
+    for size in ("{hidden_size:32,intermediate_size:128,num_hidden_layers:1}",
+                 "{hidden_size:128,intermediate_size:512,num_hidden_layers:4}"):
+        assert size in params["trainer.rm.config"]
+        run_cfg = _validate(_compose("sweep=overoptimisation_width", "algorithm=ppo", "algorithm.n=4",
+                                     f"trainer.rm.config={size}"))
+        assert run_cfg.trainer.rm.init == "config" and run_cfg.loss.kl_coef == 0.125
+        widths.append(run_cfg.trainer.rm.config["hidden_size"])
+    assert widths == [32, 128]
 
 
 def test_the_vader_only_gold_keeps_its_own_name():
