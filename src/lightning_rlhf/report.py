@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -169,6 +170,15 @@ def _number(text: str):
         return text
 
 
+def _order(value) -> tuple:
+    """A sort key for a swept value: numbers by value, before text; text with numbers in it by those
+    numbers ("{hidden_size:32,...}" before "{hidden_size:128,...}")."""
+    value = _number(value)
+    if isinstance(value, float):
+        return (0, value)
+    return (1, tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(value))))
+
+
 def collect_sweep(sweep_dir: Path) -> tuple[list[dict], list[str]]:
     """One record per job folder: {job, status, params (swept keys only), summary}; and the swept keys."""
     jobs = []
@@ -210,8 +220,7 @@ def aggregate(jobs: list[dict], swept: list[str]) -> list[dict]:
         for key in metric_keys:
             row[key] = _mean_std([m["summary"].get(key) for m in done])
         rows.append(row)
-    rows.sort(key=lambda r: tuple((0, v) if isinstance(v, float) else (1, str(v))
-                                  for v in (_number(x) for x in r["setting"].values())))
+    rows.sort(key=lambda r: tuple(map(_order, r["setting"].values())))
     return rows
 
 
@@ -479,8 +488,7 @@ def gao_fits(jobs: list[dict], swept: list[str]) -> list[dict]:
             continue
         values = tuple(j["params"].get(k) for k in proxy_keys)
         groups.setdefault((values, j["summary"]["algorithm"]), []).extend(gao_points(j))
-    order = lambda item: (tuple((0, v) if isinstance(v, float) else (1, str(v))  # noqa: E731  numbers by value
-                                for v in map(_number, item[0][0])), item[0][1])
+    order = lambda item: (tuple(map(_order, item[0][0])), item[0][1])  # noqa: E731
     fits = []
     for (values, method), points in sorted(groups.items(), key=order):
         proxy = _setting_label(dict(zip(proxy_keys, values))) or "proxy"
@@ -539,8 +547,8 @@ def plot_gao(fits: list[dict], out: Path) -> Optional[Path]:
                 ax.plot(grid, gao_curve(fit, f["form"], grid), "-", color=colours[f["method"]],
                         label=f"{f['method']}: alpha {fit['alpha']:.2f}, beta {fit['beta']:.2f}")
             ax.axhline(0.0, ls="--", color="gray", lw=1)
-            ax.set(title=f"{score} gain over the SFT policy ({proxy})", xlabel="d = sqrt(KL to the SFT policy)",
-                   ylabel=f"{score} - {score} of SFT")
+            ax.set(xlabel="d = sqrt(KL to the SFT policy)", ylabel=f"{score} - {score} of SFT")
+            ax.set_title(f"{score} gain over the SFT policy\n{proxy}", fontsize=8 if len(proxy) > 30 else 10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     return _save(fig, out)

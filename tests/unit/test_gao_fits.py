@@ -78,3 +78,12 @@ def test_a_sweep_of_rl_and_best_of_n_jobs_gets_one_fit_per_proxy_method_and_scor
     assert table.startswith("| proxy | method |") and "d (alpha - beta log d)" in table
     text = gao_section(jobs, swept, tmp_path / "report")
     assert "Gao et al." in text and (tmp_path / "report" / "gao_fits.png").stat().st_size > 5000
+
+
+def test_proxy_architectures_are_ordered_by_the_numbers_in_them():
+    from lightning_rlhf.report import _order
+
+    sizes = ["{hidden_size:128,num_hidden_layers:4}", "{hidden_size:32,num_hidden_layers:1}",
+             "{hidden_size:64,num_hidden_layers:2}"]
+    assert sorted(sizes, key=_order) == [sizes[1], sizes[2], sizes[0]]
+    assert sorted(["10000", "abc", "500", "2000"], key=_order) == ["500", "2000", "10000", "abc"]
