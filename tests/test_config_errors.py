@@ -49,7 +49,26 @@ def _run(tmp_path, *overrides):
     (["algorithm=dpo", "algorithm.label_smoothing=0.5"], "algorithm.label_smoothing"),
     (["algorithm=dpo", "trainer.dpo.micro_batch_size=5"], "trainer.dpo.micro_batch_size"),
 ])
-def test_bad_value_is_refused_with_the_key_named(tmp_path, overrides, key):
+def test_bad_value_is_refused_with_the_key_named(tmp_path, monkeypatch, capsys, overrides, key):
+    """rlhf-train's own entry point (train.main) in this process: the command line is checked and the
+    run exits with 2 before Hydra starts it. The real console script, in a fresh process, is the next test's."""
+    from lightning_rlhf import train
+
+    monkeypatch.setattr(sys, "argv", ["rlhf-train", f"hydra.run.dir={tmp_path}", *overrides])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:  # anything else (a traceback) fails the test
+        train.main()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2, err[-2000:]
+    assert key in err and err.startswith("config error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "sft").exists(), "no stage may start on a bad config"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["loss.clip_eps=0"], "loss.clip_eps"),
+    (["algorithm=dpo", "algorithm.loss_type=kto"], "algorithm.loss_type"),
+])
+def test_the_console_script_exits_2_with_one_line(tmp_path, overrides, key):
     res = _run(tmp_path, *overrides)
     assert res.returncode == 2, res.stderr[-2000:]
     assert key in res.stderr
