@@ -770,9 +770,17 @@ def split_review(text: str) -> tuple[str, str]:
     return "", _normalise(text)
 
 
+def score_reviews(gold, texts: list[str]) -> list[float]:
+    """A gold scorer f(prompts, responses) applied to whole reviews, each split at its prompt (split_review)."""
+    if not texts:
+        return []
+    prompts, responses = zip(*map(split_review, texts))
+    return list(gold(list(prompts), list(responses)))
+
+
 def grammar_gold_score(texts: list[str], tolerance: float = 2.0, floor: float = -1.0) -> list[float]:
     """The grammar-aware gold score of whole reviews (prompt + completion); see GrammarGold."""
-    return GrammarGold(tolerance, floor)(*map(list, zip(*map(split_review, texts)))) if texts else []
+    return score_reviews(GrammarGold(tolerance, floor), texts)
 
 
 class GrammarGold:

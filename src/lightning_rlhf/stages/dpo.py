@@ -13,7 +13,6 @@ import logging
 import time
 from pathlib import Path
 
-
 from lightning_rlhf.algorithms.preference import DPOModule, OnlineDPOModule, Pair, PairBatches
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.data.prompts import PromptBatches, encode_prompts, fit_prompts

@@ -48,20 +48,12 @@ def labeller_of_gold(cfg: RunConfig):
     """The simulated labeller's judgement when trainer.rm.labeller is null: the review world's gold
     (data.gold, f(prompts, responses)) applied to whole reviews split at their prompt, so that the labels
     and the evaluation judge alike; VADER's compound of the whole text when data.gold is null."""
-    from lightning_rlhf.data.reviews import gold_score, split_review
+    from functools import partial
+
+    from lightning_rlhf.data.reviews import gold_score, score_reviews
     from lightning_rlhf.rewards.functions import resolve_callable
 
-    if cfg.data.gold is None:
-        return gold_score
-    gold = resolve_callable(cfg.data.gold)
-
-    def score(texts: list[str]) -> list[float]:
-        if not texts:
-            return []
-        prompts, responses = zip(*map(split_review, texts))
-        return list(gold(list(prompts), list(responses)))
-
-    return score
+    return gold_score if cfg.data.gold is None else partial(score_reviews, resolve_callable(cfg.data.gold))
 
 
 def label_pairs(pairs, cfg: RunConfig):
