@@ -63,8 +63,12 @@ import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS, TRL, TRL_NOGC, TRL_PRECOMPUTED = "lightning-rlhf", "trl", "trl-nogc", "trl-precomputed"
-SIDES = {"ppo": (OURS, TRL, TRL_NOGC), "grpo": (OURS, TRL), "rloo": (OURS, TRL), "dpo": (OURS, TRL, TRL_PRECOMPUTED)}
+OURS_COMPILED, TRL_COMPILED = "lightning-rlhf-compiled", "trl-compiled"  # model.compile=true / torch_compile=True
+SIDES = {"ppo": (OURS, OURS_COMPILED, TRL, TRL_NOGC, TRL_COMPILED), "grpo": (OURS, OURS_COMPILED, TRL, TRL_COMPILED),
+         "rloo": (OURS, OURS_COMPILED, TRL, TRL_COMPILED),
+         "dpo": (OURS, OURS_COMPILED, TRL, TRL_PRECOMPUTED, TRL_COMPILED)}
 ALL_SIDES = tuple(dict.fromkeys(x for sides in SIDES.values() for x in sides))
+DEFAULT_SIDES = tuple(x for x in ALL_SIDES if x not in (OURS_COMPILED, TRL_COMPILED))  # compiling takes minutes
 ALGOS = ("grpo", "rloo", "dpo", "ppo")  # the order of `--algo all`: PPO last, its speed-up line ends the output
 SPEEDUP_KEY = {"ppo": "speedup_vs_trl", "grpo": "speedup_vs_trl_grpo", "rloo": "speedup_vs_trl_rloo",
                "dpo": "speedup_vs_trl_dpo"}
@@ -196,7 +200,7 @@ def our_config(s: common.Settings, iterations: int, folder: Path):
 
     settings = {
         "stage": "ppo", "seed": s.seed,
-        "model": {"tokenizer": "reviews", "config": {"model_type": "llama"}},  # built in run_ours, from common
+        "model": {"tokenizer": "reviews", "config": {"model_type": "llama"}, "compile": s.compile},  # built in run_ours
         # the reward model is built in run_ours (common.reward_model); the config only needs a valid reward
         "reward": {"type": "function", "fn": {"_target_": "lightning_rlhf.data.reviews.VaderReward"},
                    "micro_batch_size": 64},
@@ -282,6 +286,7 @@ def run_trl_ppo(s: common.Settings, iterations: int, probe: Probe, folder: Path,
     dataset = Dataset.from_list([{"input_ids": ids} for ids in common.prompts(tok, s)])
     args = PPOConfig(
         output_dir=str(folder), seed=s.seed, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        torch_compile=s.compile,
         per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=1, num_mini_batches=s.mini_batches,
         num_ppo_epochs=s.epochs, total_episodes=s.batch_size * iterations, local_rollout_forward_batch_size=64,
         response_length=s.response_length, temperature=s.temperature, stop_token="eos", missing_eos_penalty=None,
@@ -336,6 +341,7 @@ def run_trl_group(s: common.Settings, iterations: int, probe: Probe, folder: Pat
     steps = s.mini_batches * s.epochs  # optimizer steps per iteration
     shared = dict(
         output_dir=str(folder), seed=s.seed, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        torch_compile=s.compile,
         per_device_train_batch_size=s.minibatch_size(), gradient_accumulation_steps=1,
         steps_per_generation=s.mini_batches, num_iterations=s.epochs, num_generations=s.group_size,
         max_steps=steps * iterations, max_completion_length=s.response_length, temperature=s.temperature,
@@ -394,7 +400,7 @@ def our_dpo_config(s: common.Settings, folder: Path):
 
     settings = {
         "seed": s.seed,
-        "model": {"tokenizer": "reviews", "config": {"model_type": "llama"}},  # built in run_ours_dpo, from common
+        "model": {"tokenizer": "reviews", "config": {"model_type": "llama"}, "compile": s.compile},  # built in run_ours_dpo
         "reward": {"type": "function", "fn": {"_target_": "lightning_rlhf.data.reviews.VaderReward"}},  # the benchmark has no evaluations
         "generation": {"temperature": 1.0},  # DPO's log-probs at temperature 1 (TRL's DPO has no temperature)
         "trainer": {"dpo": {"epochs": 1, "batch_size": s.minibatch_size(), "micro_batch_size": s.minibatch_size(),
@@ -485,6 +491,7 @@ def run_trl_dpo(s: common.Settings, iterations: int, probe: StepProbe, folder: P
     dataset = Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in texts])
     args = DPOConfig(
         output_dir=str(folder), seed=s.seed, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        torch_compile=s.compile,
         per_device_train_batch_size=s.minibatch_size(), gradient_accumulation_steps=1, max_steps=steps,
         train_sampling_strategy="sequential", beta=s.beta, loss_type=["sigmoid"], label_smoothing=0.0,
         max_length=s.prompt_length + s.response_length, truncation_mode="keep_start", padding_free=False,
@@ -553,6 +560,9 @@ def worker(side: str, settings: dict, iterations: int, conn) -> None:
     import torch
 
     s = common.Settings(**settings)
+    if side in (OURS_COMPILED, TRL_COMPILED):
+        s = s.with_(compile=True)
+        side = OURS if side == OURS_COMPILED else TRL_PRECOMPUTED if s.algo == "dpo" else TRL_NOGC if s.algo == "ppo" else TRL
     torch.set_num_threads(s.threads)
     if s.without:
         import fast_paths
@@ -713,9 +723,10 @@ def compare(s: common.Settings, sides, warmup: int, iterations: int) -> dict:
     summary = {side: summarize(results[side], s) for side in sides}
     print_table(summary, s.algo)
     ours = summary[OURS]
-    trl_sides = [x for x in sides if x != OURS]
+    others = [x for x in sides if x != OURS]  # the ratio lines: every other side against ours as shipped
+    trl_sides = [x for x in others if x != OURS_COMPILED]
     phases = ("update",) if s.algo == "dpo" else ("rollout", "update")
-    for x in trl_sides:
+    for x in others:
         ratio = lambda key: summary[x][key] / max(ours[key], 1e-9)
         print(f"{x} / lightning-rlhf: time x{ratio('iter_ms'):.2f}, cpu x{ratio('cpu_ms'):.2f}, "
               + "".join(f"{p} x{ratio(p + '_ms'):.2f}, " for p in phases)
@@ -730,10 +741,17 @@ def compare(s: common.Settings, sides, warmup: int, iterations: int) -> dict:
                 f"{DPO_REF_BATCH_SIZE} a pass")
         print("same pairs, same updates: mean DPO loss of the last timed iteration's steps: "
               + ", ".join(f"{x} {summary[x]['last_loss']:.6f}" for x in sides))
+    # the speed-up line: lightning-rlhf as shipped (eager) against TRL's fastest side run (with --sides, TRL
+    # compiled may be it); our compiled side gets its own line, with its peak memory beside TRL's
     fastest = min(trl_sides, key=lambda x: summary[x]["iter_ms"]) if trl_sides else None
     speedup = summary[fastest]["iter_ms"] / ours["iter_ms"] if fastest else math.nan
-    return {"settings": s.as_dict(), "results": results, "summary": summary, "fastest_trl": fastest,
-            "speedup": speedup}
+    out = {"settings": s.as_dict(), "results": results, "summary": summary, "fastest_trl": fastest,
+           "speedup": speedup}
+    if OURS_COMPILED in sides and fastest:
+        out["speedup_compiled"] = summary[fastest]["iter_ms"] / summary[OURS_COMPILED]["iter_ms"]
+        print(f"{OURS_COMPILED} (model.compile=true) against {fastest}: x{out['speedup_compiled']:.2f}, "
+              f"peak MB {summary[OURS_COMPILED]['peak_rss_mb']:.0f} vs {summary[fastest]['peak_rss_mb']:.0f}")
+    return out
 
 
 def print_speedup(algo: str, comparison: dict) -> None:
@@ -1026,7 +1044,8 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=20, help="timed iterations per side")
     p.add_argument("--sides", default=None,
                    help=f"comma-separated subset of {','.join(ALL_SIDES)}, each comparison taking those it has "
-                        f"(GRPO/RLOO/DPO: {TRL_NOGC} is {TRL}); default: every side of each comparison")
+                        f"(GRPO/RLOO/DPO: {TRL_NOGC} is {TRL}; {TRL_COMPILED} is TRL's fastest eager side with "
+                        f"torch_compile=True); default: every side but the two compiled ones")
     p.add_argument("--no-scaling", action="store_true")
     p.add_argument("--scaling-iterations", type=int, default=3)
     p.add_argument("--scaling-only", action="store_true", help="only the scaling table (no comparison, no speedup line)")
@@ -1044,7 +1063,7 @@ def main(argv=None) -> int:
         a.dpo_batch_size, a.dpo_steps = 2, 2
         a.warmup, a.iterations, a.no_scaling = 1, 1, True
     algos = ALGOS if a.algo == "all" else (a.algo,)
-    sides = ALL_SIDES if a.sides is None else tuple(x.strip() for x in a.sides.split(",") if x.strip())
+    sides = DEFAULT_SIDES if a.sides is None else tuple(x.strip() for x in a.sides.split(",") if x.strip())
     if not sides or any(x not in ALL_SIDES for x in sides) or OURS not in sides:
         p.error(f"--sides: a subset of {ALL_SIDES} that includes {OURS}")
     if a.batch_size % a.mini_batches:

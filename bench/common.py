@@ -41,6 +41,7 @@ class Settings:
     threads: int = 1  # torch intra-op threads in each process
     seed: int = 0
     without: str = ""  # lightning-rlhf only: a fast path switched off (bench/fast_paths.py; --fast-paths)
+    compile: bool = False  # torch.compile: ours model.compile=true, TRL's TrainingArguments torch_compile=True
 
     def sequences(self) -> int:
         """Sequences per iteration: every prompt sampled group_size times."""

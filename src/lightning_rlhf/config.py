@@ -79,8 +79,8 @@ class ModelConfig:
     attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2 ... (passed to transformers)
     gradient_checkpointing: bool = False
     lora: Optional[LoraConfig] = None  # null = full fine-tuning
-    # torch.compile (inductor, dynamic shapes) for the policy's training forward/backward and decode step,
-    # where the fast Llama path covers the model (models/fast); measured with its compile time in bench/RESULTS.md
+    # torch.compile (inductor, static shapes) of the update's micro-batch loss, forward and backward, in the
+    # online and preference families (compiling.py); its gain and compile time are in bench/RESULTS.md
     compile: bool = False
 
     def check(self) -> None:

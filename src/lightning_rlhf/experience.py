@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from lightning_rlhf.compiling import pad_columns, round_up
+
 
 def _axes(axes: str, optional: bool = False):
     return field(default=None, metadata={"axes": axes}) if optional else field(metadata={"axes": axes})
@@ -54,13 +56,18 @@ class Experience:
     def with_(self, **changes) -> "Experience":
         return replace(self, **changes)
 
-    def trimmed(self) -> "Experience":
-        """Drop the all-padding prompt columns on the left and response columns on the right."""
+    def trimmed(self, prompt_multiple: int = 1, response_multiple: int = 1) -> "Experience":
+        """Drop the all-padding prompt columns on the left and response columns on the right; then, with
+        multiples > 1, pad back with masked (zero) columns up to widths that are multiples of them
+        (model.compile: a few static shapes, `compiling.PROMPT_MULTIPLE`)."""
         p_keep = self.prompt_mask.any(dim=0).nonzero()
         t_keep = self.response_mask.any(dim=0).nonzero()
-        p0 = int(p_keep[0]) if len(p_keep) else self.prompt_mask.shape[1]
+        P, T = self.prompt_mask.shape[1], self.response_mask.shape[1]
+        p0 = int(p_keep[0]) if len(p_keep) else P
         t1 = int(t_keep[-1]) + 1 if len(t_keep) else 1
-        cut = {"BP": lambda x: x[:, p0:], "BT": lambda x: x[:, :t1], "B": lambda x: x}
+        p_width, t_width = round_up(P - p0, prompt_multiple), round_up(t1, response_multiple)
+        cut = {"BP": lambda x: pad_columns(x[:, max(p0, P - p_width):], p_width, left=True),
+               "BT": lambda x: pad_columns(x[:, :min(t_width, T)], t_width, left=False), "B": lambda x: x}
         return self._map(lambda x, axes: cut[axes](x))
 
     @staticmethod
@@ -76,12 +83,6 @@ class Experience:
             axes = f.metadata["axes"]
             if axes != "B":
                 width = max(x.shape[1] for x in xs)
-                xs = [_pad(x, width, left=axes == "BP") for x in xs]
+                xs = [pad_columns(x, width, left=axes == "BP") for x in xs]
             out[f.name] = torch.cat(xs)
         return Experience(**out)
-
-
-def _pad(x: torch.Tensor, width: int, left: bool) -> torch.Tensor:
-    """(B, L) -> (B, width) with zero (False) columns on the left or the right: masked out everywhere."""
-    filler = torch.zeros((x.shape[0], width - x.shape[1]), dtype=x.dtype, device=x.device)
-    return torch.cat([filler, x] if left else [x, filler], dim=1)

@@ -20,7 +20,7 @@ def policy_forward(policy, exp: Experience, temperature: float, with_values: boo
     return logits, logprobs_from_logits(logits, exp.response_ids), values
 
 
-def online_loss(policy, exp: Experience, algo, loss_cfg: LossConfig, temperature: float, kl_coef: float,
+def online_loss(policy, exp: Experience, algo, loss_cfg: LossConfig, temperature: float, kl_coef: float | torch.Tensor,
                 max_len: int) -> tuple[torch.Tensor, dict]:
     """L = L_policy [+ c1 * L_value] [+ kl_coef * KL] - c2 * entropy on one (trimmed) micro-batch, every
     term aggregated with `algo.agg` (the caller weights micro-batches by `aggregation_count`).

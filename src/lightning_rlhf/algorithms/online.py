@@ -25,6 +25,7 @@ import torch
 from hydra.utils import instantiate
 
 from lightning_rlhf.algorithms.base import FROZEN_PREFIXES, AlgorithmModule  # noqa: F401 (module.py)
+from lightning_rlhf.compiling import PROMPT_MULTIPLE, RESPONSE_MULTIPLE, compiled_loss
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.experience import Experience
 from lightning_rlhf.kl_control import make_kl_controller
@@ -71,6 +72,8 @@ class OnlineRLModule(AlgorithmModule):
         self.prompt_source = prompt_source
         self.score_processor = ScoreProcessor(cfg.reward.clip, cfg.reward.normalize, cfg.reward.missing_eos_penalty)
         self.kl_ctl = make_kl_controller(cfg.loss.kl_coef, cfg.loss.kl_target, cfg.loss.kl_horizon)
+        self.loss_fn = compiled_loss(online_loss, cfg.model.compile)  # model.compile: compiling.py
+        self.column_multiples = (PROMPT_MULTIPLE, RESPONSE_MULTIPLE) if cfg.model.compile else (1, 1)
 
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -173,6 +176,7 @@ class OnlineRLModule(AlgorithmModule):
         max_len = self.cfg.generation.max_new_tokens
         sums, count = {}, 0
         early_stopped = False
+        kl_coef = torch.tensor(self.kl_coef, device=self.device)  # a tensor: an adaptive KL recompiles nothing
         for _ in range(ppo.epochs):
             for mb_index in minibatch_indices(len(exp), ppo.minibatch_size):
                 minibatch = exp.select(mb_index)
@@ -180,11 +184,12 @@ class OnlineRLModule(AlgorithmModule):
                 global_units = self._global_sum(local_units).clamp(min=1)
                 micro_indices = torch.arange(len(minibatch)).split(ppo.micro_batch_size)
                 for i, micro_index in enumerate(micro_indices):
-                    micro = (minibatch if len(micro_indices) == 1 else minibatch.select(micro_index)).trimmed()
+                    micro = (minibatch if len(micro_indices) == 1 else minibatch.select(micro_index))
+                    micro = micro.trimmed(*self.column_multiples)
                     n_units = aggregation_count(micro.response_mask, algo.agg).float()
                     with micro_batch_context(self.trainer, sync=i == len(micro_indices) - 1):
-                        loss, stats = online_loss(self.policy, micro, algo, loss_cfg, self.cfg.generation.temperature,
-                                                  self.kl_coef, max_len)
+                        loss, stats = self.loss_fn(self.policy, micro, algo, loss_cfg, self.cfg.generation.temperature,
+                                                   kl_coef, max_len)
                         self.manual_backward(loss * (n_units * world / global_units))
                     share = n_units / local_units.clamp(min=1)  # this rank's metrics, kept on the device
                     for k, v in stats.items():

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_rlhf.algorithms.base import AlgorithmModule
+from lightning_rlhf.compiling import PROMPT_MULTIPLE, RESPONSE_MULTIPLE, compiled_loss, pad_columns, round_up
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.data.prompts import left_pad
 from lightning_rlhf.losses import dpo_loss, logprobs_from_logits
@@ -33,13 +34,17 @@ Pair = tuple[list[int], list[int], list[int]]
 PROGRESS = {"loss": "loss/dpo", "acc": "rewards/accuracies"}  # the progress bar's metrics
 
 
-def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: list[Pair], pad_id: int, prompt_multiple: int = 1,
+                  response_multiple: int = 1) -> dict[str, torch.Tensor]:
     """B pairs -> 2B sequences, the chosen ones first: prompt_ids/prompt_mask (2B, P) left padded,
-    response_ids/response_mask (2B, T) right padded, both trimmed to this batch's widths."""
+    response_ids/response_mask (2B, T) right padded, both trimmed to this batch's widths (rounded up to
+    the multiples: model.compile, compiling.py)."""
     prompts = [p for p, _, _ in pairs] * 2
     responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    T = max(len(r) for r in responses)
+    P = round_up(prompt_ids.shape[1], prompt_multiple)
+    prompt_ids, prompt_mask = pad_columns(prompt_ids, P, True, pad_id), pad_columns(prompt_mask, P, True, False)
+    T = round_up(max(len(r) for r in responses), response_multiple)
     response_ids = torch.full((len(responses), T), pad_id, dtype=torch.long)
     response_mask = torch.zeros((len(responses), T), dtype=torch.bool)
     for i, r in enumerate(responses):
@@ -59,6 +64,31 @@ def response_logps(logits_fn, batch: dict[str, torch.Tensor], temperature: float
         logits = logits / temperature
     logps = logprobs_from_logits(logits, batch["response_ids"])
     return torch.where(batch["response_mask"], logps, torch.zeros_like(logps))
+
+
+def summed_logps(logps: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """(2B, T) token log-probs (0 on padding) -> (2B,) sums, divided by the length for IPO (length-normalised)."""
+    total = logps.sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if loss_type == "ipo" else total
+
+
+def pair_loss(policy, batch: dict[str, torch.Tensor], ref: torch.Tensor, algorithm,
+              temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DPO loss of one collated micro-batch (`collate_pairs`: 2B rows, chosen first) and its
+    statistics. ref (B, 2): the reference's summed log-probs of chosen and rejected; `algorithm`: the
+    run's algorithm config (beta, loss_type, label_smoothing, nll_coef)."""
+    a = algorithm
+    logps = response_logps(lambda ids, m, T: policy(ids, m, T, with_values=False)[0], batch, temperature)
+    chosen, rejected = summed_logps(logps, batch["response_mask"], a.loss_type).chunk(2)
+    loss, stats = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], a.beta, a.loss_type, a.label_smoothing)
+    stats["loss/dpo"] = loss.detach()
+    if a.nll_coef > 0:  # RPO: the chosen response's mean token NLL
+        chosen_mask = batch["response_mask"].chunk(2)[0]
+        nll = -(logps.chunk(2)[0].sum(-1) / chosen_mask.sum(-1).clamp(min=1)).mean()
+        loss = loss + a.nll_coef * nll
+        stats["loss/nll"] = nll.detach()
+    stats["logps/chosen"], stats["logps/rejected"] = chosen.detach().mean(), rejected.detach().mean()
+    return loss, stats
 
 
 class PairBatches(Dataset):
@@ -99,6 +129,8 @@ class DPOModule(AlgorithmModule):
         # (N, 2): the reference's summed log-probs of each pair's chosen and rejected response
         self.register_buffer("ref_logps", torch.zeros(len(pairs), 2), persistent=False)
         self.ref_ready = False
+        self.loss_fn = compiled_loss(pair_loss, cfg.model.compile)  # model.compile: compiling.py
+        self.column_multiples = (PROMPT_MULTIPLE, RESPONSE_MULTIPLE) if cfg.model.compile else (1, 1)
 
     # ---- the reference, once -------------------------------------------------------------------
     @torch.no_grad()
@@ -118,9 +150,7 @@ class DPOModule(AlgorithmModule):
         self.ref_ready = True
 
     def _summed(self, logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(2B, T) token log-probs -> (2B,) sums, divided by the length for IPO (length-normalised)."""
-        total = logps.sum(-1)
-        return total / mask.sum(-1).clamp(min=1) if self.cfg.algorithm.loss_type == "ipo" else total
+        return summed_logps(logps, mask, self.cfg.algorithm.loss_type)
 
     # ---- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -136,22 +166,10 @@ class DPOModule(AlgorithmModule):
 
     def pair_loss(self, pairs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The DPO loss (mean over the pairs `pairs`, a (b,) index tensor) and its statistics."""
-        a = self.cfg.algorithm
-        batch = {k: v.to(self.device) for k, v in collate_pairs([self.pairs[int(i)] for i in pairs],
-                                                               self.tokenizer.pad_token_id).items()}
-        logps = response_logps(lambda ids, m, T: self.policy(ids, m, T, with_values=False)[0], batch,
-                               self.cfg.generation.temperature)
-        chosen, rejected = self._summed(logps, batch["response_mask"]).chunk(2)
+        batch = collate_pairs([self.pairs[int(i)] for i in pairs], self.tokenizer.pad_token_id, *self.column_multiples)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
         ref = self.ref_logps[pairs.to(self.ref_logps.device)]
-        loss, stats = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], a.beta, a.loss_type, a.label_smoothing)
-        stats["loss/dpo"] = loss.detach()
-        if a.nll_coef > 0:  # RPO: the chosen response's mean token NLL
-            chosen_mask = batch["response_mask"].chunk(2)[0]
-            nll = -(logps.chunk(2)[0].sum(-1) / chosen_mask.sum(-1).clamp(min=1)).mean()
-            loss = loss + a.nll_coef * nll
-            stats["loss/nll"] = nll.detach()
-        stats["logps/chosen"], stats["logps/rejected"] = chosen.detach().mean(), rejected.detach().mean()
-        return loss, stats
+        return self.loss_fn(self.policy, batch, ref, self.cfg.algorithm, self.cfg.generation.temperature)
 
     def dpo_step(self, pairs: torch.Tensor, micro_batch_size: int, max_grad_norm) -> dict[str, torch.Tensor]:
         """One optimizer step on this rank's pairs `pairs` ((b,) indices), in micro-batches weighted by

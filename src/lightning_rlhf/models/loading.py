@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lightning_rlhf.config import ConfigError, ModelConfig
-from lightning_rlhf.models import fast
-
-log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -80,9 +75,6 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, seed: int = 0):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if cfg.compile and not fast.compile_model(model):
-        log.warning("model.compile: the fast path does not cover this model (%s), so nothing is compiled",
-                    type(model).__name__)
     return model
 
 

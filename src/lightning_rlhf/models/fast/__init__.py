@@ -4,15 +4,15 @@
   `Spec` (shapes and constants), RoPE tables; `covers` says which models qualify.
 - `ops`: the one RoPE, attention mask and RMSNorm, with their backwards.
 - `llama`: the trunk forward (`layers_forward`), as one fused autograd node with a hand-written
-  backward (`llama_hidden`) or traced by autograd (its twin, optionally through torch.compile), and
+  backward (`llama_hidden`) or traced by autograd (its twin, which torch.compile traces), and
   for inference (filling a KV cache); `hidden_states` dispatches.
 - `decoder`: `LlamaDecoder`, the sampler's prefill and decode step.
 """
 
 from lightning_rlhf.models.fast.decoder import LlamaDecoder
-from lightning_rlhf.models.fast.llama import (compile_model, fused_applies, fused_plan, hidden_states, inference_plan,
+from lightning_rlhf.models.fast.llama import (fused_applies, fused_plan, hidden_states, inference_plan,
                                              llama_hidden, plan_for)
 from lightning_rlhf.models.fast.plan import LayerWeights, Plan, Spec, covers, plan_of
 
-__all__ = ["LayerWeights", "LlamaDecoder", "Plan", "Spec", "compile_model", "covers", "fused_applies", "fused_plan",
+__all__ = ["LayerWeights", "LlamaDecoder", "Plan", "Spec", "covers", "fused_applies", "fused_plan",
            "hidden_states", "inference_plan", "llama_hidden", "plan_for", "plan_of"]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_rlhf.models.fast.llama import compiled, inference_plan, llama_hidden
+from lightning_rlhf.models.fast.llama import inference_plan, llama_hidden
 from lightning_rlhf.models.fast.ops import attention_bias, rms_norm, rotate
 from lightning_rlhf.models.fast.plan import Plan
 from lightning_rlhf.models.positions import position_ids_from_mask
@@ -70,48 +70,27 @@ class LlamaDecoder:
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """The next token (B,) long -> last hidden state (B, H) after the final norm."""
-        i, t = self.pos, self.pos - self.prompt_len
-        step = compiled(self.base, "decode", decode_step)
-        if step is decode_step:  # eager: attend to the cache's first i + 1 positions
-            x = step(token, self.plan.embed, self.layers, self.keys, self.values, self.bias[..., : i + 1],
-                     self.cos[t], self.sin[t], i, self.split, self.n_heads, self.n_kv, self.head_dim,
-                     self.plan.spec.scaling)
-        else:  # compiled: the same shapes every step (the whole cache, later positions masked), no recompiles
-            if t == 0:
-                K = self.bias.shape[-1]
-                later = torch.arange(K, device=token.device) > torch.arange(self.prompt_len, K, device=token.device)[:, None]
-                self.step_bias = self.bias.masked_fill(later[:, None, None], float("-inf"))  # (steps, B * n_kv, 1, K)
-                for cache in (*self.keys, *self.values):
-                    cache[:, self.prompt_len:].zero_()  # 0 * garbage could be nan
-            x = step(token, self.plan.embed, self.layers, self.keys, self.values, self.step_bias[t], self.cos[t],
-                     self.sin[t], torch.tensor([i], device=token.device), self.split, self.n_heads, self.n_kv,
-                     self.head_dim, self.plan.spec.scaling)
+        i, t = self.pos, self.pos - self.prompt_len  # attend to the cache's first i + 1 positions
+        x = decode_step(token, self.plan.embed, self.layers, self.keys, self.values, self.bias[..., : i + 1],
+                        self.cos[t], self.sin[t], i, self.split, self.n_heads, self.n_kv, self.head_dim,
+                        self.plan.spec.scaling)
         self.pos += 1
         return rms_norm(x, self.plan.norm, self.plan.norm_eps)
 
 
 def decode_step(token, embed, layers, keys, values, bias, cos, sin, i, split, nh: int, nkv: int, d: int,
                 scaling: float) -> torch.Tensor:
-    """One token through every layer, writing its keys and values at cache index i. -> (B, H) before the
-    final norm. A plain function of tensors, so that model.compile can hand it to torch.compile.
-
-    i: an int (attend to cache positions :i + 1, bias (B * n_kv, 1, i + 1)) or a (1,) long tensor (attend
-    to the whole cache, bias (B * n_kv, 1, K) masking the positions after i)."""
-    whole = isinstance(i, torch.Tensor)
+    """One token through every layer, writing its keys and values at cache index i and attending to the
+    cache positions :i + 1 (bias (B * n_kv, 1, i + 1)). -> (B, H) before the final norm."""
     B, nq = token.shape[0], nh * d
     x = F.embedding(token, embed)  # (B, H)
     for (ln1, eps1, w_qkv, b_qkv, wo_t, bo, ln2, eps2, w_gu, b_gu, wd_t, bd), k_cache, v_cache in zip(
             layers, keys, values):
         qk, v = F.linear(rms_norm(x, ln1, eps1), w_qkv, b_qkv).split(split, dim=-1)
         qk = rotate(qk.view(B, nh + nkv, d), cos, sin).view(B, -1)  # RoPE on q and k at once
-        if whole:
-            k_cache.index_copy_(1, i, qk[:, nq:].reshape(B * nkv, 1, d))
-            v_cache.index_copy_(1, i, v.reshape(B * nkv, 1, d))
-            k_seen, v_seen = k_cache, v_cache
-        else:
-            k_cache[:, i] = qk[:, nq:].reshape(B * nkv, d)
-            v_cache[:, i] = v.reshape(B * nkv, d)
-            k_seen, v_seen = k_cache[:, : i + 1], v_cache[:, : i + 1]
+        k_cache[:, i] = qk[:, nq:].reshape(B * nkv, d)
+        v_cache[:, i] = v.reshape(B * nkv, d)
+        k_seen, v_seen = k_cache[:, : i + 1], v_cache[:, : i + 1]
         # one query against the cache: the heads of a GQA group share their key head (bmm is ~2x
         # cheaper than scaled_dot_product_attention's CPU kernel at this size)
         scores = torch.baddbmm(bias, qk[:, :nq].reshape(B * nkv, nh // nkv, d), k_seen.transpose(1, 2),

@@ -13,8 +13,9 @@ With `n_last`, the last layer computes queries, the output projection and the ML
 `n_last` positions (the earlier ones enter it only as keys and values).
 
 `hidden_states` dispatches: the fused node where `fused_plan` admits it, else the twin where the
-structure is covered (`plan.covers`), else None (the caller takes Hugging Face's forward). With
-model.compile (`compile_model`) training takes the twin through `torch.compile`.
+structure is covered (`plan.covers`), else None (the caller takes Hugging Face's forward). Under
+`torch.compile` (model.compile: `lightning_rlhf.compiling`) training takes the twin, which inductor
+traces and fuses; the fused node's hand-written backward is opaque to it.
 
 Kept because it pays end to end where a step is all trunk: DPO's iteration on the tiny model is
 5-7 % faster with it (bench/RESULTS.md, "Fast paths against their plain twins").
@@ -22,7 +23,6 @@ Kept because it pays end to end where a step is all trunk: DPO's iteration on th
 
 from __future__ import annotations
 
-import weakref
 from typing import Sequence
 
 import torch
@@ -36,8 +36,6 @@ from lightning_rlhf.models.fast.plan import LayerWeights, Plan, Spec, plan_of
 from lightning_rlhf.models.positions import position_ids_from_mask
 
 SAVED_ATTENTION_BYTES = 256 * 2**20  # budget for the (B, heads, L, L) probabilities kept for the backward
-_COMPILE: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()  # model.compile=true trunks
-_compiled = {}  # what torch.compile made, built on first use
 
 
 def plan_for(lm: nn.Module, training: bool = False) -> Plan | None:
@@ -74,25 +72,6 @@ def fused_applies(lm: nn.Module, batch: int, length: int, grad: bool) -> bool:
 def inference_plan(lm: nn.Module) -> Plan | None:
     """The Plan for the fused inference arithmetic (and `decoder.LlamaDecoder`), else None."""
     return fused_plan(lm, 1, 1, grad=False)
-
-
-def compile_model(lm: nn.Module) -> bool:
-    """model.compile: this causal LM's training forward/backward (the twin, traced by autograd) and its
-    decode step (`decoder.LlamaDecoder`) go through `torch.compile` (inductor, dynamic shapes) from now
-    on. -> whether the fast paths cover the model (where they do not, nothing is compiled)."""
-    if plan_for(lm) is None:
-        return False
-    _COMPILE[lm.base_model] = True
-    return True
-
-
-def compiled(base: nn.Module, name: str, fn):
-    """`fn` compiled (once per process) when `base` was marked by `compile_model`, else `fn`."""
-    if not _COMPILE.get(base, False):
-        return fn
-    if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=True)
-    return _compiled[name]
 
 
 def layers_forward(x, cos, sin, bias, spec: Spec, n_last: int, layers: Sequence[LayerWeights],
@@ -243,13 +222,8 @@ def llama_hidden(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     elif fused:
         out = layers_forward(x, cos, sin, bias, plan.spec, n_last, plan.layers, kv_out=kv_out)
     else:
-        twin = compiled(base, "twin", _twin) if grad else _twin
-        out = twin(x, cos, sin, bias, plan.spec, n_last, plan.layers)
+        out = layers_forward(x, cos, sin, bias, plan.spec, n_last, plan.layers, sdpa=True)
     return rms_norm(out, plan.norm, plan.norm_eps)
-
-
-def _twin(x, cos, sin, bias, spec, n_last, layers):
-    return layers_forward(x, cos, sin, bias, spec, n_last, layers, sdpa=True)
 
 
 def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -258,9 +232,8 @@ def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     fast paths, or None where they do not cover the model (then use Hugging Face's forward).
     (B, L) -> (B, n_last, H)."""
     grad = torch.is_grad_enabled()
-    base = getattr(lm, "base_model", None)
-    compiled_training = grad and base is not None and _COMPILE.get(base, False)  # model.compile: the twin
-    plan = None if compiled_training else fused_plan(lm, input_ids.shape[0], input_ids.shape[1], grad)
+    traced = grad and torch.compiler.is_compiling()  # torch.compile traces the twin (see the module's docstring)
+    plan = None if traced else fused_plan(lm, input_ids.shape[0], input_ids.shape[1], grad)
     if plan is not None:
         return llama_hidden(lm.base_model, input_ids, attention_mask, n_last, plan=plan)
     plan = plan_for(lm, training=grad and lm.training)
