@@ -30,6 +30,12 @@ class NonFiniteGuard(L.Callback):
         self.consecutive = 0
         self._bad_loss: Optional[torch.Tensor] = None  # any micro-batch loss of this step non-finite (on device)
         self._engine_skipped = 0  # DeepSpeed: the engine's count at the last look
+        self._grad_norm: Optional[torch.Tensor] = None  # this step's total gradient norm, when the module computed it
+
+    def use_grad_norm(self, norm: torch.Tensor) -> None:
+        """The total norm of the gradients about to be stepped (the module clipped with it): the next
+        `on_before_optimizer_step` decides on it instead of computing it again."""
+        self._grad_norm = norm
 
     def on_before_backward(self, trainer, pl_module, loss):
         bad = ~torch.isfinite(loss.detach()).all()
@@ -37,12 +43,14 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         bad_loss, self._bad_loss = self._bad_loss, None
+        norm, self._grad_norm = self._grad_norm, None
         if isinstance(trainer.strategy, DeepSpeedStrategy):
             return  # counted in on_train_batch_end
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         bad = torch.zeros((), dtype=torch.bool, device=pl_module.device)
         if params:
-            bad = ~torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if norm is None else norm
+            bad = ~torch.isfinite(norm)
         if bad_loss is not None:
             bad = bad | bad_loss.to(bad.device)
         if trainer.world_size > 1:

@@ -149,3 +149,26 @@ def test_automatic_optimisation_skips_infinite_gradients_and_nan_losses(tmp_path
     assert torch.equal(seen[1], seen[0]) and torch.equal(seen[3], seen[2]) and not torch.equal(seen[2], seen[1])
     assert torch.isfinite(module.w).all()
     assert float(trainer.callback_metrics["train/skipped_steps"]) == 2
+
+
+def test_the_one_norm_clip_equals_lightnings_clip_gradients(tmp_path, tokenizer, monkeypatch):
+    """On one process the module clips with the norm it hands to the guard (one pass over the gradients);
+    the weights after two iterations equal those of Lightning's clip_gradients, which the other strategies
+    take. A small max_grad_norm: every step is clipped."""
+    from lightning_rlhf.algorithms.base import AlgorithmModule
+
+    runs, real_clip = [], AlgorithmModule.clip_gradients
+    for plain in (True, False):
+        monkeypatch.setattr(AlgorithmModule, "_plain_gradients", lambda self, plain=plain: plain)
+        lightning_clips = []
+        monkeypatch.setattr(AlgorithmModule, "clip_gradients",
+                            lambda self, *a, calls=lightning_clips, **k: (calls.append(1), real_clip(self, *a, **k))[1])
+        torch.manual_seed(0)
+        module, policy, trainer, loader, snaps = ppo_run(tmp_path / str(plain), tokenizer, iterations=2)
+        module.cfg.trainer.ppo.max_grad_norm = 0.05
+        trainer.fit(module, loader)
+        assert bool(lightning_clips) != plain
+        runs.append(snaps.after)
+    for a, b in zip(*runs):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)

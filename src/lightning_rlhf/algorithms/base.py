@@ -8,6 +8,8 @@ import logging
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.metrics import publish_metrics
@@ -80,7 +82,7 @@ class AlgorithmModule(L.LightningModule):
     def publish(self, stats: dict[str, torch.Tensor], prog_bar: dict[str, str]) -> None:
         """Scalar stats -> their means over ranks (one all-reduce, one host sync) -> Lightning's callbacks,
         progress bar (`prog_bar`: shown name -> key) and loggers: what sync_dist=True would log."""
-        guard = next((c for c in self.trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
+        guard = self._guard()
         if guard is not None:  # the same value on every rank: its mean is itself
             stats = {**stats, "train/skipped_steps": torch.tensor(float(guard.skipped_steps(self.trainer)))}
         # some stats are host scalars (timings, the KL coefficient): all go to the module's device first
@@ -89,11 +91,32 @@ class AlgorithmModule(L.LightningModule):
 
     def step_optimizer(self, opt, max_grad_norm) -> None:
         """Clip the accumulated gradients (when max_grad_norm is set), step and zero them. A step whose loss
-        or gradient norm is not finite is skipped by nonfinite.NonFiniteGuard, a callback of every Trainer."""
+        or gradient norm is not finite is skipped by nonfinite.NonFiniteGuard, a callback of every Trainer.
+
+        On one process and under DDP without a gradient scaler, the clipping's total norm is computed once
+        and handed to the guard (what Lightning's clip_gradients does there, without the second pass);
+        other strategies and precisions clip through Lightning."""
         if max_grad_norm is not None:
-            self.clip_gradients(opt, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+            guard = self._guard()
+            if guard is not None and self._plain_gradients():
+                params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+                if params:
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                    torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
+                    guard.use_grad_norm(norm)
+            else:
+                self.clip_gradients(opt, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def _guard(self) -> NonFiniteGuard | None:
+        return next((c for c in self.trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
+
+    def _plain_gradients(self) -> bool:
+        """The gradients are the parameters' own .grad, unscaled: one process or DDP, no grad scaler."""
+        strategy, precision = self.trainer.strategy, self.trainer.precision_plugin
+        return (type(strategy) in (SingleDeviceStrategy, DDPStrategy)
+                and type(precision) in (Precision, MixedPrecision) and getattr(precision, "scaler", None) is None)
 
     # ---- checkpoints: the frozen models are rebuilt from their folders, never saved --------------
     def state_dict(self, *args, **kwargs):
