@@ -51,6 +51,8 @@ def test_a_changed_input_or_a_disabled_cache_trains_again(tmp_path):
         assert stage_key(_cfg(tmp_path, "x", seed=1), stage) != stage_key(base, stage)
         assert stage_key(_cfg(tmp_path, "y", loss={"kl_coef": 0.9}, logger={"name": "csv"}), stage) == \
             stage_key(base, stage)
+        # model.compile compiles the online and preference updates only: SFT and the reward model are the same
+        assert stage_key(_cfg(tmp_path, "y", model={"compile": True}), stage) == stage_key(base, stage)
     assert stage_key(_cfg(tmp_path, "x", generation={"temperature": 0.7}), rm) != stage_key(base, rm)
     assert stage_key(_cfg(tmp_path, "x", generation={"temperature": 0.7}), sft) == stage_key(base, sft)
     off = train(_cfg(tmp_path, "d", cache={"dir": str(tmp_path / "other"), "enabled": False}))

@@ -56,7 +56,8 @@ class SFTStage(Stage):
         from lightning_rlhf.data.files import fingerprint
 
         data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("gold", "gold_name")}  # eval only
-        return {"seed": cfg.seed, "model": dataclasses.asdict(cfg.model), "data": data,
+        model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "compile"}  # the update's only
+        return {"seed": cfg.seed, "model": model, "data": data,
                 "hardware": _numerics(cfg), "data_files": fingerprint(cfg.data),  # the files' bytes, not their paths
                 "sft": dataclasses.asdict(cfg.trainer.sft)}
 

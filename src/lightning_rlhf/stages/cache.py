@@ -1,7 +1,8 @@
 """Content-addressed cache of the pipeline's SFT and reward-model outputs.
 
 The key of a stage is a hash of everything its output depends on: the config sections the stage
-declares (`Stage.cache_parts`: `model`, `data` but its evaluation-only gold, `seed`, hardware numerics,
+declares (`Stage.cache_parts`: `model` but `model.compile` (the online and preference updates' only),
+`data` but its evaluation-only gold, `seed`, hardware numerics,
 `trainer.sft`; for the reward model also `trainer.rm`, `generation` and, when the labeller follows it,
 `data.gold`), the key of the stage it takes its input from, and a
 fingerprint of the package's source files that the stage's module imports (its import closure,
