@@ -64,6 +64,7 @@ import common  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 OURS, TRL, TRL_NOGC, TRL_PRECOMPUTED = "lightning-rlhf", "trl", "trl-nogc", "trl-precomputed"
 OURS_COMPILED, TRL_COMPILED = "lightning-rlhf-compiled", "trl-compiled"  # model.compile=true / torch_compile=True
+TRL_FASTEST_EAGER = {"ppo": TRL_NOGC, "dpo": TRL_PRECOMPUTED}  # what trl-compiled compiles (GRPO/RLOO: trl)
 SIDES = {"ppo": (OURS, OURS_COMPILED, TRL, TRL_NOGC, TRL_COMPILED), "grpo": (OURS, OURS_COMPILED, TRL, TRL_COMPILED),
          "rloo": (OURS, OURS_COMPILED, TRL, TRL_COMPILED),
          "dpo": (OURS, OURS_COMPILED, TRL, TRL_PRECOMPUTED, TRL_COMPILED)}
@@ -562,7 +563,7 @@ def worker(side: str, settings: dict, iterations: int, conn) -> None:
     s = common.Settings(**settings)
     if side in (OURS_COMPILED, TRL_COMPILED):
         s = s.with_(compile=True)
-        side = OURS if side == OURS_COMPILED else TRL_PRECOMPUTED if s.algo == "dpo" else TRL_NOGC if s.algo == "ppo" else TRL
+        side = OURS if side == OURS_COMPILED else TRL_FASTEST_EAGER.get(s.algo, TRL)
     torch.set_num_threads(s.threads)
     if s.without:
         import fast_paths

@@ -37,6 +37,12 @@ def compiled_loss(fn: Callable, enabled: bool) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+def column_multiples(enabled: bool) -> tuple[int, int]:
+    """The (prompt, response) column multiples micro-batches are padded to: the static shapes of a
+    compiled loss, or (1, 1) (trimmed only) when it is not compiled."""
+    return (PROMPT_MULTIPLE, RESPONSE_MULTIPLE) if enabled else (1, 1)
+
+
 def pad_columns(x: torch.Tensor, width: int, left: bool, value=0) -> torch.Tensor:
     """(B, L) -> (B, width), `value` columns added on the left or the right (width >= L)."""
     if x.shape[1] == width:

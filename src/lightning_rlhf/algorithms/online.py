@@ -26,7 +26,7 @@ import torch
 from hydra.utils import instantiate
 
 from lightning_rlhf.algorithms.base import FROZEN_PREFIXES, AlgorithmModule  # noqa: F401 (module.py)
-from lightning_rlhf.compiling import PROMPT_MULTIPLE, RESPONSE_MULTIPLE, compiled_loss
+from lightning_rlhf.compiling import column_multiples, compiled_loss
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.experience import Experience
 from lightning_rlhf.kl_control import make_kl_controller
@@ -80,7 +80,7 @@ class OnlineRLModule(AlgorithmModule):
         self.score_processor = ScoreProcessor(cfg.reward.clip, cfg.reward.normalize, cfg.reward.missing_eos_penalty)
         self.kl_ctl = make_kl_controller(cfg.loss.kl_coef, cfg.loss.kl_target, cfg.loss.kl_horizon)
         self.loss_fn = compiled_loss(online_loss, cfg.model.compile)  # model.compile: compiling.py
-        self.column_multiples = (PROMPT_MULTIPLE, RESPONSE_MULTIPLE) if cfg.model.compile else (1, 1)
+        self.column_multiples = column_multiples(cfg.model.compile)
 
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):

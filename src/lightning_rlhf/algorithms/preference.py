@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_rlhf.algorithms.base import AlgorithmModule
-from lightning_rlhf.compiling import PROMPT_MULTIPLE, RESPONSE_MULTIPLE, compiled_loss, pad_columns, round_up
+from lightning_rlhf.compiling import column_multiples, compiled_loss, pad_columns, round_up
 from lightning_rlhf.config import RunConfig
 from lightning_rlhf.data.prompts import left_pad
 from lightning_rlhf.losses import dpo_loss, logprobs_from_logits
@@ -130,7 +130,7 @@ class DPOModule(AlgorithmModule):
         self.register_buffer("ref_logps", torch.zeros(len(pairs), 2), persistent=False)
         self.ref_ready = False
         self.loss_fn = compiled_loss(pair_loss, cfg.model.compile)  # model.compile: compiling.py
-        self.column_multiples = (PROMPT_MULTIPLE, RESPONSE_MULTIPLE) if cfg.model.compile else (1, 1)
+        self.column_multiples = column_multiples(cfg.model.compile)
 
     # ---- the reference, once -------------------------------------------------------------------
     @torch.no_grad()
