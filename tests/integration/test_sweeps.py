@@ -6,17 +6,24 @@ sweep whose concurrent jobs share one cached SFT and reward model, and Optuna tr
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from lightning_rlhf.config import validate
 from lightning_rlhf.report import aggregate, collect_sweep, main as report_main, sweep_table
+from lightning_rlhf.stages.base import SFTStage
+from lightning_rlhf.stages.cache import stage_key
+from lightning_rlhf.train import CONF_DIR
 from tests.integration.wandb_records import offline_runs, read_offline_run
 
 BIN = Path(sys.executable).parent
@@ -31,17 +38,36 @@ TINY = [
 VADER = "lightning_rlhf.data.reviews.VaderReward"
 
 
-def _multirun(tmp_path: Path, sweep_dir: Path, *overrides: str, wandb: bool = False, returncode: int = 0):
+def _start_multirun(tmp_path: Path, sweep_dir: Path, *overrides: str, wandb: bool = False):
+    """The multirun started: (its process, the prefix of its .stdout / .stderr files; files, not pipes,
+    so that a caller may wait on it without reading them)."""
     env = {**os.environ, "LIGHTNING_RLHF_CACHE": str(tmp_path / "cache"), "WANDB_SILENT": "true"}
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
         env.pop(var, None)
     if not wandb:
         env["WANDB_MODE"] = "disabled"
     env["NETRC"] = str(tmp_path / "no-netrc")
-    res = subprocess.run([str(BIN / "rlhf-train"), "-m", *TINY, *overrides, f"hydra.sweep.dir={sweep_dir}"],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert res.returncode == returncode, res.stderr[-4000:]
-    return res
+    out = tmp_path / f"{sweep_dir.name}-multirun"
+    with open(f"{out}.stdout", "w") as stdout, open(f"{out}.stderr", "w") as stderr:
+        proc = subprocess.Popen([str(BIN / "rlhf-train"), "-m", *TINY, *overrides, f"hydra.sweep.dir={sweep_dir}"],
+                                env=env, cwd=tmp_path, stdout=stdout, stderr=stderr, text=True)
+    return proc, out
+
+
+def _finished(run, returncode: int = 0) -> subprocess.CompletedProcess:
+    proc, out = run
+    try:
+        proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    stdout, stderr = Path(f"{out}.stdout").read_text(), Path(f"{out}.stderr").read_text()
+    assert proc.returncode == returncode, stderr[-4000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _multirun(tmp_path: Path, sweep_dir: Path, *overrides: str, wandb: bool = False, returncode: int = 0):
+    return _finished(_start_multirun(tmp_path, sweep_dir, *overrides, wandb=wandb), returncode)
 
 
 def _failed_listed(res, *jobs: str) -> None:
@@ -176,11 +202,37 @@ def _started_and_ended(job: Path) -> tuple[float, float]:
     return (job / ".hydra" / "overrides.yaml").stat().st_mtime, (job / "summary.json").stat().st_mtime
 
 
+def _sft_lock(tmp_path: Path, *overrides: str) -> Path:
+    """The lock file of the SFT cache entry that a job of these overrides needs (the key computed here,
+    in-process, from the same composed config)."""
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = validate(compose("train", overrides=["run_dir=/tmp/unused", *overrides]))
+    return tmp_path / "cache" / "locks" / f"sft-{stage_key(cfg, SFTStage())}.lock"
+
+
 def test_local_launcher_runs_jobs_at_once_sharing_one_cached_sft_and_rm(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    # 3 jobs, 2 at a time: the first two share SFT and the reward model, the third is a config error
-    res = _multirun(tmp_path, sweep_dir, *PIPELINE, "logger=none", "hydra/launcher=local",
-                    "hydra.launcher.parallel=2", "hardware.threads=null", "trainer.ppo.epochs=1,2,0", returncode=1)
+    # 3 jobs, 2 at a time: the first two share SFT and the reward model, the third is a config error.
+    # The test holds the SFT entry's lock until both jobs say they wait on it, so that they meet at the
+    # lock whatever their start-up times (one then trains SFT, the other waits again and reuses it).
+    overrides = (*PIPELINE, "logger=none", "hardware.threads=null")
+    lock = _sft_lock(tmp_path, *TINY, *overrides, "trainer.ppo.epochs=1")
+    lock.parent.mkdir(parents=True)
+    logs = [sweep_dir / str(n) / "train.log" for n in range(2)]
+    with open(lock, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        run = _start_multirun(tmp_path, sweep_dir, *overrides, "hydra/launcher=local", "hydra.launcher.parallel=2",
+                              "trainer.ppo.epochs=1,2,0")
+        deadline = time.monotonic() + 300
+        while not all(log.exists() and "which is training this stage" in log.read_text() for log in logs):
+            if run[0].poll() is not None or time.monotonic() > deadline:
+                run[0].kill()
+                run[0].wait()
+                pytest.fail("the two jobs did not both wait on the SFT entry's lock held by the test (a different "
+                            f"cache key?): {Path(f'{run[1]}.stderr').read_text()[-3000:]}")
+            time.sleep(0.1)
+        fcntl.flock(held, fcntl.LOCK_UN)
+    res = _finished(run, returncode=1)
     _failed_listed(res, "2")
     jobs = [sweep_dir / str(n) for n in range(3)]
     done, failed = [_summary(j) for j in jobs[:2]], _summary(jobs[2])
@@ -197,8 +249,8 @@ def test_local_launcher_runs_jobs_at_once_sharing_one_cached_sft_and_rm(tmp_path
     assert done[0]["rm_accuracy"] == done[1]["rm_accuracy"] and done[0]["sft_val_loss"] == done[1]["sft_val_loss"]
     entries = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "stages").iterdir())
     assert entries == ["rm", "sft"]
-    logs = [(j / "train.log").read_text() for j in jobs[:2]]
-    assert any("which is training this stage" in log for log in logs), "a job waits on the lock"
+    logs = [log.read_text() for log in logs]
+    assert all("sft: lock acquired after" in log for log in logs)  # both waited; one trained, one reused
     assert all("torch threads per process: 1 (2 cores / hydra.launcher.parallel=2)" in log for log in logs)
 
     assert report_main([str(sweep_dir)]) == 0

@@ -5,6 +5,8 @@ and the last layer cut to n_last."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -198,9 +200,12 @@ def test_plan_is_cached_and_rebuilt_when_a_projection_is_replaced(tokenizer):
     plan = fast_plan.plan_of(lm.base_model)
     assert plan is not None and fast_plan.plan_of(lm.base_model) is plan
     assert [w.wq for w in plan.layers] == [layer.self_attn.q_proj.weight for layer in lm.model.layers]  # by name
-    torch.nn.Linear(2, 2)  # registering parameters elsewhere only makes the plan be read again
-    again = fast_plan.plan_of(lm.base_model)
-    assert again is not plan and again.layers == plan.layers
+    torch.nn.Linear(2, 2)  # registering parameters elsewhere only makes the plan be checked again
+    assert fast_plan.plan_of(lm.base_model) is plan
+    lm.model.layers[0].self_attn.q_proj.weight = torch.nn.Parameter(torch.zeros_like(plan.layers[0].wq))
+    again = fast_plan.plan_of(lm.base_model)  # a replaced weight: read again
+    assert again is not plan and again.layers[0].wq is lm.model.layers[0].self_attn.q_proj.weight
+    assert again.layers[1:] == plan.layers[1:]
     lm.model.layers[-1].mlp.down_proj = torch.nn.Sequential(lm.model.layers[-1].mlp.down_proj)  # e.g. an adapter
     assert fast_plan.plan_of(lm.base_model) is None and llama.plan_for(lm) is None
     positions = torch.tensor([[0, 0, 1, 2]])  # positions of a left-padded row
@@ -211,6 +216,26 @@ def test_plan_is_cached_and_rebuilt_when_a_projection_is_replaced(tokenizer):
     torch.testing.assert_close(sin[:, :, 0], torch.cat((-ref_sin[..., :half], ref_sin[..., half:]), -1))
     table_cos, _ = rope_tables(lm.model.rotary_emb.inv_freq, 1.0, 3, torch.float32)
     torch.testing.assert_close(table_cos, ref_cos[0, 1:])
+
+
+def test_a_copied_or_pickled_model_makes_its_own_plan(tokenizer):
+    import io
+    import pickle
+
+    lm = _llama(tokenizer)
+    plan = fast_plan.plan_of(lm.base_model)
+    assert lm.base_model.__dict__[fast_plan.PLAN_ATTRIBUTE] is plan  # kept on the model, not in a global table
+    for twin in (copy.deepcopy(lm), pickle.loads(pickle.dumps(lm))):
+        assert twin.base_model.__dict__[fast_plan.PLAN_ATTRIBUTE] is None  # the copy holds no Plan of the original
+        own = fast_plan.plan_of(twin.base_model)
+        assert own is not plan and own.embed is twin.model.embed_tokens.weight
+        assert [w.wq for w in own.layers] == [layer.self_attn.q_proj.weight for layer in twin.model.layers]
+    buffer = io.BytesIO()
+    torch.save(lm, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.base_model.__dict__[fast_plan.PLAN_ATTRIBUTE] is None
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, lm.model.embed_tokens.weight)
 
 
 def test_a_subclass_or_another_norm_is_not_the_llama_the_fast_path_knows(tokenizer):

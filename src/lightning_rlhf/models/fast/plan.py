@@ -2,14 +2,21 @@
 
 A model is covered when its classes are transformers' own Llama classes (compared by identity, not
 by name), every projection is a plain nn.Linear (no LoRA, no quantisation) and its RoPE is static.
-The Plan of a model is cached and stays valid until a module, parameter or buffer is registered
-anywhere (torch's public global registration hooks count them: a LoRA wrapper, a swapped module or
-`load_state_dict(assign=True)` all register), or its embedding or RoPE tensors are replaced.
+The Plan of a model is cached. It is checked again in full (the structure covered, every tensor the
+model's) whenever a module, parameter or buffer was registered anywhere since the last check (torch's
+public global registration hooks count them: a LoRA wrapper, a swapped module or
+`load_state_dict(assign=True)` all register), and rebuilt when that check or the identity of its
+embedding and RoPE tensors fails.
+
+The cache is an attribute of the model itself (`PLAN_ATTRIBUTE`), not a process-wide table: under
+`torch.compile` (model.compile) dynamo traces the lookup, and a global table would make it guard on
+the table's size and key order, so that any other model's Plan made or collected (a reference, a
+reward model, the garbage collector) recompiled the loss or broke its guards. A Plan is never copied
+or pickled with its model (`copy.deepcopy`, `torch.save`, a spawned process): the copy makes its own.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -120,13 +127,34 @@ class Plan:
                          tuple(acts), all(a is F.silu for a in acts))
         self.embed, self.norm, self.norm_eps = base.embed_tokens.weight, base.norm.weight, base.norm.variance_epsilon
         self.rotary, self.inv_freq = base.rotary_emb, base.rotary_emb.inv_freq
-        self.registrations = _registrations
+        self.registrations = None if torch.compiler.is_compiling() else _registrations  # see `current`
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def __reduce__(self):
+        return (type(None), ())  # a copied or unpickled model holds no Plan (and needs no import to load)
+
+    def __deepcopy__(self, memo):
+        return None
+
     def current(self, base: nn.Module) -> bool:
-        """Nothing was registered since the Plan was made, and its tensors are the model's."""
-        return (self.registrations == _registrations and base.embed_tokens.weight is self.embed
-                and base.rotary_emb is self.rotary and self.rotary.inv_freq is self.inv_freq)
+        """The Plan still describes the model: its embedding and RoPE are the model's and, when anything
+        was registered anywhere since the last check, the model is still covered and every tensor of the
+        Plan is still the model's (then the check is stamped with the new count). Under torch.compile
+        the count is neither read nor stamped (dynamo would guard its value, and any model made anywhere
+        would recompile the loss): the whole check runs at trace time and dynamo guards the modules."""
+        if not (base.embed_tokens.weight is self.embed and base.rotary_emb is self.rotary
+                and self.rotary.inv_freq is self.inv_freq):
+            return False
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self.registrations == _registrations:
+            return True
+        if not (covers(base) and base.norm.weight is self.norm and len(base.layers) == len(self.layers)
+                and all(a is b for layer, weights in zip(base.layers, self.layers)
+                        for a, b in zip(LayerWeights.of(layer), weights))):
+            return False
+        if not compiling:
+            self.registrations = _registrations
+        return True
 
     def rope(self, positions: torch.Tensor, dtype, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin (B, L, 1, D) for positions (B, L) (see `ops.rotate`), from a table of every
@@ -141,18 +169,16 @@ class Plan:
         return cached[0][positions][:, :, None], cached[1][positions][:, :, None]
 
 
-_PLANS: "weakref.WeakKeyDictionary[nn.Module, Plan]" = weakref.WeakKeyDictionary()
+PLAN_ATTRIBUTE = "_lightning_rlhf_plan"  # where a model keeps its cached Plan
 
 
 def plan_of(base: nn.Module) -> Plan | None:
     """The cached Plan of a LlamaModel, None when the fast paths do not cover its structure (not
     cached: such a model takes the Hugging Face path, and may be covered again, e.g. once adapters are
     merged)."""
-    plan = _PLANS.get(base)
+    plan = base.__dict__.get(PLAN_ATTRIBUTE)
     if plan is not None and plan.current(base):
         return plan
-    if not covers(base):
-        _PLANS.pop(base, None)
-        return None
-    plan = _PLANS[base] = Plan(base)
+    plan = Plan(base) if covers(base) else None
+    object.__setattr__(base, PLAN_ATTRIBUTE, plan)  # a plain attribute: registers nothing
     return plan
