@@ -176,6 +176,8 @@ def plan_of(base: nn.Module) -> Plan | None:
     """The cached Plan of a LlamaModel, None when the fast paths do not cover its structure (not
     cached: such a model takes the Hugging Face path, and may be covered again, e.g. once adapters are
     merged)."""
+    if not isinstance(base, nn.Module):  # e.g. a PEFT model's `base_model` method
+        return None
     plan = base.__dict__.get(PLAN_ATTRIBUTE)
     if plan is not None and plan.current(base):
         return plan
