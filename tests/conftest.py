@@ -21,6 +21,17 @@ def tokenizer():
     return load_tokenizer("reviews")
 
 
+def composed_run_config(*overrides: str):
+    """The validated RunConfig that `rlhf-train OVERRIDES...` composes (Hydra's compose of conf/train.yaml)."""
+    from hydra import compose, initialize_config_dir
+
+    from lightning_rlhf.config import validate
+    from lightning_rlhf.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return validate(compose(config_name="train", overrides=list(overrides)))
+
+
 def tiny_run_config(**overrides):
     """A validated RunConfig for a tiny PPO run on the review world (python-level overrides)."""
     from omegaconf import OmegaConf

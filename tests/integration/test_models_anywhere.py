@@ -17,7 +17,7 @@ from lightning_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lightning_rlhf.models.reward import Sequences
 from lightning_rlhf.stages.ppo import build_reward
 from lightning_rlhf.stages.sft import collate_demonstrations, encode_demonstrations, lm_loss
-from tests.conftest import tiny_run_config
+from tests.conftest import composed_run_config, tiny_run_config
 
 TINY = {
     "gpt2": dict(n_embd=32, n_layer=1, n_head=2, n_positions=128),
@@ -121,17 +121,11 @@ def test_one_ppo_iteration_from_a_saved_folder(tmp_path, model_type, tokenizer):
     tok = gpt2_like_tokenizer() if model_type == "gpt2" else tokenizer
     folder = save_tiny(tmp_path / "model", model_type, tok)
     if model_type == "qwen2":  # composed like the CLI: rlhf-train model=hf model.name_or_path=FOLDER ...
-        from hydra import compose, initialize_config_dir
-
-        from lightning_rlhf.config import validate
-        from lightning_rlhf.train import CONF_DIR
-
         args = ["stage=ppo", "model=hf", f"model.name_or_path={folder}", "reward=vader",
                 f"reward.fn._target_={__name__}.response_length", "+reward.fn._partial_=true",
                 f"run_dir={tmp_path / 'run'}", "trainer.ppo.iterations=1", "trainer.eval_every=0",
                 "data.num_prompts=64", "logger=none", "trainer.enable_progress_bar=false", *_cli_overrides(FAST)]
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = validate(compose(config_name="train", overrides=args))
+        cfg = composed_run_config(*args)
         assert cfg.model.name_or_path == folder and cfg.model.config is None
         summary = train(cfg)
     else:

@@ -16,14 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lightning_rlhf.config import validate
 from lightning_rlhf.report import aggregate, collect_sweep, main as report_main, sweep_table
 from lightning_rlhf.stages.base import SFTStage
-from lightning_rlhf.stages.cache import stage_key
-from lightning_rlhf.train import CONF_DIR
+from lightning_rlhf.stages.cache import lock_path, stage_key
+from tests.conftest import composed_run_config
 from tests.integration.wandb_records import offline_runs, read_offline_run
 
 BIN = Path(sys.executable).parent
@@ -204,10 +202,9 @@ def _started_and_ended(job: Path) -> tuple[float, float]:
 
 def _sft_lock(tmp_path: Path, *overrides: str) -> Path:
     """The lock file of the SFT cache entry that a job of these overrides needs (the key computed here,
-    in-process, from the same composed config)."""
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        cfg = validate(compose("train", overrides=["run_dir=/tmp/unused", *overrides]))
-    return tmp_path / "cache" / "locks" / f"sft-{stage_key(cfg, SFTStage())}.lock"
+    in-process, from the same composed config, with the jobs' cache folder)."""
+    cfg = composed_run_config("run_dir=/tmp/unused", f"cache.dir={tmp_path / 'cache'}", *overrides)
+    return lock_path(cfg, "sft", stage_key(cfg, SFTStage()))
 
 
 def test_local_launcher_runs_jobs_at_once_sharing_one_cached_sft_and_rm(tmp_path):

@@ -106,6 +106,11 @@ def entry_dir(cfg: RunConfig, stage: str, key: str) -> Path:
     return Path(cfg.cache.dir).expanduser() / "stages" / f"{stage}-{key}"
 
 
+def lock_path(cfg: RunConfig, stage: str, key: str) -> Path:
+    """The lock file of a cache entry (`entry_lock`)."""
+    return Path(cfg.cache.dir).expanduser() / "locks" / f"{stage}-{key}.lock"
+
+
 def lookup(cfg: RunConfig, stage: str, key: str) -> Optional[dict]:
     entry = entry_dir(cfg, stage, key)
     try:
@@ -138,7 +143,7 @@ def store(cfg: RunConfig, stage: str, key: str, folder: Path, summary: dict) -> 
 def entry_lock(cfg: RunConfig, stage: str, key: str) -> Iterator[None]:
     """Hold the cache entry's lock (blocking while another job holds it). A cache folder where no lock
     can be made (read-only) runs without one: the work may be done twice, never wrongly."""
-    path = Path(cfg.cache.dir).expanduser() / "locks" / f"{stage}-{key}.lock"
+    path = lock_path(cfg, stage, key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")
