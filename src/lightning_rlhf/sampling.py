@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lightning_rlhf.losses import entropy_from_logprobs
 from lightning_rlhf.models.fast import LlamaDecoder
 from lightning_rlhf.models.positions import position_ids_from_mask
 
@@ -98,8 +99,7 @@ class Samples:
 def _step_statistics(z: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of the drawn tokens and entropy of softmax(z). z (B, k, V), tokens (B, k) -> (B, k), (B, k)."""
     logp = torch.log_softmax(z, dim=-1)
-    entropy = (logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1).neg_()  # 0 * log 0 = 0
-    return logp.gather(-1, tokens[..., None]).squeeze(-1), entropy
+    return logp.gather(-1, tokens[..., None]).squeeze(-1), entropy_from_logprobs(logp)
 
 
 @torch.no_grad()

@@ -42,6 +42,12 @@ class AlgorithmModule(L.LightningModule):
         if self.reward is not None:
             self.reward.to(device)
 
+    def train_policy(self) -> None:
+        """policy.train(), unless every module of it is in training mode already: train() sets the flag on
+        every submodule (~0.3 ms on the tiny Llama, a few % of a DPO step)."""
+        if not all(m.training for m in self.policy.modules()):
+            self.policy.train()
+
     # ---- over ranks -----------------------------------------------------------------------------
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return self.trainer.strategy.reduce(t.clone(), reduce_op="sum")  # the reduce works in place

@@ -19,7 +19,7 @@ import torch
 
 from lightning_rlhf.algorithms.base import AlgorithmModule
 from lightning_rlhf.config import GenerationConfig, RunConfig
-from lightning_rlhf.data.prompts import left_pad
+from lightning_rlhf.data.prompts import left_pad, right_pad
 from lightning_rlhf.losses import ilql_loss, ilql_shift_logits, logprobs_from_logits
 from lightning_rlhf.models.ilql import ILQLHeads, top_k_mask
 from lightning_rlhf.models.policy import ref_logits
@@ -37,14 +37,10 @@ def collate_completions(rows: list[Completion], pad_id: int) -> dict[str, torch.
     """B completions -> prompt_ids/prompt_mask (B, P) left padded, response_ids/response_mask (B, T) right
     padded, rewards (B, T) fp32: each completion's reward at its last token, 0 elsewhere."""
     prompt_ids, prompt_mask = left_pad([p for p, _, _ in rows], pad_id)
-    T = max(len(c) for _, c, _ in rows)
-    response_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((len(rows), T), dtype=torch.bool)
-    rewards = torch.zeros((len(rows), T), dtype=torch.float32)
-    for i, (_, c, r) in enumerate(rows):
-        response_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-        response_mask[i, : len(c)] = True
-        rewards[i, len(c) - 1] = r
+    response_ids, response_mask = right_pad([c for _, c, _ in rows], pad_id)
+    rewards = torch.zeros(response_ids.shape, dtype=torch.float32)
+    last = torch.tensor([len(c) - 1 for _, c, _ in rows])
+    rewards[torch.arange(len(rows)), last] = torch.tensor([float(r) for _, _, r in rows])
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
             "response_mask": response_mask, "rewards": rewards}
 
@@ -163,7 +159,7 @@ class ILQLModule(AlgorithmModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int):
         t0 = time.perf_counter()
-        self.policy.train()
+        self.train_policy()
         ilql, a = self.cfg.trainer.ilql, self.cfg.algorithm
         stats = self.ilql_step(batch, ilql.micro_batch_size, ilql.max_grad_norm)
         if (batch_idx + 1) % a.target_sync_every == 0:  # batch_idx is the step's index, also after a resume

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from lightning_rlhf.algorithms.base import AlgorithmModule
 from lightning_rlhf.compiling import column_multiples, compiled_loss, pad_columns, round_up
 from lightning_rlhf.config import RunConfig
-from lightning_rlhf.data.prompts import left_pad
+from lightning_rlhf.data.prompts import left_pad, right_pad
 from lightning_rlhf.losses import dpo_loss, logprobs_from_logits
 from lightning_rlhf.models.policy import ref_logits
 from lightning_rlhf.models.reward import ScoreProcessor
@@ -44,12 +44,9 @@ def collate_pairs(pairs: list[Pair], pad_id: int, prompt_multiple: int = 1,
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     P = round_up(prompt_ids.shape[1], prompt_multiple)
     prompt_ids, prompt_mask = pad_columns(prompt_ids, P, True, pad_id), pad_columns(prompt_mask, P, True, False)
-    T = round_up(max(len(r) for r in responses), response_multiple)
-    response_ids = torch.full((len(responses), T), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((len(responses), T), dtype=torch.bool)
-    for i, r in enumerate(responses):
-        response_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        response_mask[i, : len(r)] = True
+    response_ids, response_mask = right_pad(responses, pad_id)
+    T = round_up(response_ids.shape[1], response_multiple)
+    response_ids, response_mask = pad_columns(response_ids, T, False, pad_id), pad_columns(response_mask, T, False, False)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
             "response_mask": response_mask}
 
@@ -190,7 +187,7 @@ class DPOModule(AlgorithmModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int):
         t0 = time.perf_counter()
-        self.policy.train()
+        self.train_policy()
         dpo = self.cfg.trainer.dpo
         stats = self.dpo_step(batch, dpo.micro_batch_size, dpo.max_grad_norm)
         self.publish(stats | {"perf/step_s": torch.tensor(time.perf_counter() - t0)}, PROGRESS)

@@ -51,14 +51,22 @@ def fit_prompts(tokenizer, texts: list[str], max_len: int, policy: str, what: st
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ids (B, P) long, mask (B, P) bool, padded on the left."""
+    return _pad(rows, pad_id, left=True)
+
+
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ids (B, T) long, mask (B, T) bool, padded on the right."""
+    return _pad(rows, pad_id, left=False)
+
+
+def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded in Python lists, then one tensor each: a tensor per row costs ~10 us (a DPO step collates 4B rows)."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = True
-    return ids, mask
+    fill = [width - len(r) for r in rows]
+    ids = [[pad_id] * n + list(r) if left else list(r) + [pad_id] * n for r, n in zip(rows, fill)]
+    mask = [[False] * n + [True] * (width - n) if left else [True] * (width - n) + [False] * n for n in fill]
+    return (torch.tensor(ids, dtype=torch.long).view(len(rows), width),
+            torch.tensor(mask, dtype=torch.bool).view(len(rows), width))
 
 
 class PromptBatches(Dataset):
