@@ -120,3 +120,18 @@ def test_roofline_counts_the_matmul_weights_of_a_llama():
     kv = d * 2 // 4  # two of four heads' width for k and v
     per_layer = d * d + 2 * d * kv + d * d + 3 * d * i  # q, k, v, o, gate, up, down
     assert roofline.matmul_params(lm) == layers * per_layer + vocab * d
+
+
+def test_step_profile_times_every_piece_of_a_grpo_step_and_they_add_up():
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "step_profile.py"), "--algo", "grpo", "--epochs", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    pieces = dict(re.findall(r"^  (\S.*?)\s+([0-9.]+) ms$", res.stdout, re.M))
+    kinds = dict(re.findall(r"^  (\S.*?)\s+([0-9.]+) ms\s+\d+ calls$", res.stdout, re.M))
+    assert float(kinds["matrix products"]) > 0 and len(kinds) == 4, res.stdout
+    parts = [float(v) for k, v in pieces.items() if k in (
+        "select + trim", "forward: trunk, LM head, log-probs", "backward", "gradient norm, clipping, finiteness",
+        "AdamW (fused)", "zero_grad", "loss (forward + loss - forward)")]
+    assert len(parts) == 7 and all(v > 0 for v in parts[:-1]), res.stdout
+    assert float(pieces["total"]) == pytest.approx(sum(parts), abs=0.02), res.stdout
