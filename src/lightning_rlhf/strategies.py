@@ -117,6 +117,20 @@ def rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
 
 
+def skip_cpu_shm_comm_build() -> None:
+    """deepspeed.comm, started on DeepSpeed's CPU accelerator, compiles a shared-memory all-reduce op
+    (C++, ~45 s on this machine, a compiler needed) for DeepSpeed's *inference* all-reduce. ZeRO's
+    collectives go through torch.distributed (gloo) and never use it, so it is marked incompatible before
+    deepspeed.comm starts, which then skips it (`__compatible_ops__` is DeepSpeed's one dict of what may
+    be built, probed at first access)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if get_accelerator().device_name() == "cpu" and builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 # ---- DeepSpeed on any accelerator --------------------------------------------------------------
 class ZeroStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy on CUDA or CPU, configured from `hardware.deepspeed`.
@@ -149,6 +163,7 @@ class ZeroStrategy(DeepSpeedStrategy):
             return super().setup_distributed()
         reset_seed()
         self.set_world_ranks()
+        skip_cpu_shm_comm_build()
         self._init_deepspeed_distributed()
 
     def _device_rank(self) -> int:

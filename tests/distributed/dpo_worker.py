@@ -47,6 +47,10 @@ def run(out: Path, strategy: str, devices: int) -> dict:
     dump = {"rank": trainer.global_rank, "world": trainer.world_size, "initial": initial,
             "final": {k: v.detach().clone().float() for k, v in module.policy.named_parameters()},
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+    if strategy == "zero2":  # strategies.skip_cpu_shm_comm_build: deepspeed.comm started without compiling its CPU op
+        from deepspeed.comm import comm
+
+        dump["shm_comm_op_built"] = comm.cdb.shm_comm_op is not None
     torch.save(dump, out / f"rank{trainer.global_rank}.pt")
     return dump
 
