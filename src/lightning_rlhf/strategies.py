@@ -126,8 +126,10 @@ def skip_cpu_shm_comm_build() -> None:
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() != "cpu":
+        return
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if get_accelerator().device_name() == "cpu" and builder is not None:
+    if builder is not None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 

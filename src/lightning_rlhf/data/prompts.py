@@ -65,8 +65,7 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
     fill = [width - len(r) for r in rows]
     ids = [[pad_id] * n + list(r) if left else list(r) + [pad_id] * n for r, n in zip(rows, fill)]
     mask = [[False] * n + [True] * (width - n) if left else [True] * (width - n) + [False] * n for n in fill]
-    return (torch.tensor(ids, dtype=torch.long).view(len(rows), width),
-            torch.tensor(mask, dtype=torch.bool).view(len(rows), width))
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
 
 
 class PromptBatches(Dataset):
