@@ -64,6 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--algo", default="grpo", choices=["grpo", "rloo", "ppo"])
     ap.add_argument("--epochs", type=int, default=30, help="passes over the rollout timed (2 steps each)")
+    ap.add_argument("--top", type=int, default=0, help="also list the N operators with the most self time")
     args = ap.parse_args()
     import torch
 
@@ -136,6 +137,10 @@ def main() -> None:
     print("torch.profiler, self time by kind, per step:")
     for kind, (us, count) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
         print(f"  {kind:55s} {us / 1000 / profiled:6.2f} ms  {count // profiled:5d} calls")
+    if args.top:
+        print(f"torch.profiler, the {args.top} operators with the most self time, per step:")
+        for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:args.top]:
+            print(f"  {e.key:55s} {e.self_cpu_time_total / 1000 / profiled:6.3f} ms  {e.count / profiled:6.1f} calls")
 
 
 if __name__ == "__main__":
