@@ -50,8 +50,8 @@ def native_function(native):
             eps = [e for pair in spec.eps for e in pair]
             out, saved = native.forward(x, cos, sin, bias, spec.n_heads, spec.n_kv, spec.head_dim, spec.scaling, eps,
                                         n_last, list(flat))
-            ctx.save_for_backward(*[t for t in flat if t is not None])
-            ctx.flat, ctx.saved, ctx.spec, ctx.cos, ctx.sin = flat, saved, spec, cos, sin
+            ctx.save_for_backward(*flat)  # as the Python node does: version-checked when the backward reads them
+            ctx.saved, ctx.spec, ctx.cos, ctx.sin = saved, spec, cos, sin
             return out
 
         @staticmethod
@@ -59,7 +59,7 @@ def native_function(native):
         def backward(ctx, dy):
             sp = ctx.spec
             dx, grads = native.backward(dy, ctx.saved, ctx.cos, ctx.sin, sp.n_heads, sp.n_kv, sp.head_dim, sp.scaling,
-                                        list(ctx.flat), list(ctx.needs_input_grad[6:]))
+                                        list(ctx.saved_tensors), list(ctx.needs_input_grad[6:]))
             ctx.saved = None
             return (dx, None, None, None, None, None, *grads)
 
