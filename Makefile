@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet torch==2.13.0
 	DS_BUILD_OPS=0 $(VENV)/bin/pip install --quiet -c constraints.txt -e ".[dev,bench]"
+	$(PY) -m lightning_rlhf.models.fast  # the C++ fused layers (~30 s, once; never fails: the Python twin runs)
 	touch $(STAMP)
 
 demo: setup

@@ -1,13 +1,15 @@
 """How much of a small model's optimizer step is the Python interpreter between the trunk's operators?
 (bench/RESULTS.md, "A C++ trunk, and what the profiler overstated".)
 
-Builds `bench/native/fused_layers.cpp` (the fused Llama layers' forward and hand-written backward as C++,
-the same ATen operators in the same order, with torch.utils.cpp_extension: ~30 s the first time, a C++
-compiler needed), checks on the GRPO benchmark's rollout that the loss and every gradient are
-bit-identical to the Python node, then times, in one process and alternating:
+Compares the C++ fast path (`lightning_rlhf.models.fast.native`: the fused Llama layers' forward and
+hand-written backward, and the decode step, as C++ calling the same ATen operators in the same order;
+built by `make setup`, else here, ~30 s) with its Python twin (LIGHTNING_RLHF_NATIVE=0). It checks on the
+GRPO benchmark's rollout that the loss and every gradient are bit-identical, then times, in one process
+and alternating:
 - the policy's forward + loss + backward on one micro-batch (8 x (9 + 24) tokens) and on one row of it
   (what is left at 1/8 of the data is per-op cost);
 - whole optimizer steps (`bench/step_profile.py`'s step: select and trim, loss, backward, clipping, AdamW);
+- one rollout's sampling (prefill and 24 decode steps of 16 sequences);
 - the matrix products of one step alone, at the step's shapes (the step's arithmetic floor).
 
     .venv/bin/python bench/native_trunk.py            # ~2 min
@@ -16,6 +18,7 @@ bit-identical to the Python node, then times, in one process and alternating:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,8 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_trl  # noqa: E402
 import common  # noqa: E402
 import step_profile  # noqa: E402
-
-SOURCE = Path(__file__).resolve().parent / "native" / "fused_layers.cpp"
 
 
 def median_ms(fn, n: int) -> float:
@@ -39,48 +40,22 @@ def median_ms(fn, n: int) -> float:
     return 1000 * sorted(times)[n // 2]
 
 
-def native_function(native):
-    """An autograd.Function with `_FusedLayers`' signature that runs the C++ forward and backward."""
-    import torch
-    from torch.autograd.function import once_differentiable
-
-    class NativeLayers(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, cos, sin, bias, spec, n_last, *flat):
-            eps = [e for pair in spec.eps for e in pair]
-            out, saved = native.forward(x, cos, sin, bias, spec.n_heads, spec.n_kv, spec.head_dim, spec.scaling, eps,
-                                        n_last, list(flat))
-            ctx.save_for_backward(*flat)  # as the Python node does: version-checked when the backward reads them
-            ctx.saved, ctx.spec, ctx.cos, ctx.sin = saved, spec, cos, sin
-            return out
-
-        @staticmethod
-        @once_differentiable
-        def backward(ctx, dy):
-            sp = ctx.spec
-            dx, grads = native.backward(dy, ctx.saved, ctx.cos, ctx.sin, sp.n_heads, sp.n_kv, sp.head_dim, sp.scaling,
-                                        list(ctx.saved_tensors), list(ctx.needs_input_grad[6:]))
-            ctx.saved = None
-            return (dx, None, None, None, None, None, *grads)
-
-    return NativeLayers
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=6, help="alternating rounds of each timing")
     args = ap.parse_args()
     import torch
-    from torch.utils.cpp_extension import load
 
-    import lightning_rlhf.models.fast.llama as fast
+    from lightning_rlhf.models.fast import native
+    from lightning_rlhf.sampling import sample
     from lightning_rlhf.update import minibatch_indices, online_loss
 
     torch.set_num_threads(1)
     t = time.perf_counter()
-    native = load("lightning_rlhf_bench_fused_layers", [str(SOURCE)], extra_cflags=["-O3"])
+    if native.extension() is None:
+        raise SystemExit("the C++ fast path did not build here (see the warning above)")
     print(f"built/loaded the C++ layers in {time.perf_counter() - t:.1f} s")
-    variants = {"python node": fast._FusedLayers, "C++ node": native_function(native)}
+    variants = {"python twin": "0", "C++ path": "1"}
 
     s = bench_trl.group_settings(common.Settings(), "grpo", 4)
     module, exp = step_profile.captured_rollout(s)
@@ -91,13 +66,13 @@ def main() -> None:
     mbs = minibatch_indices(len(exp), s.minibatch_size())
     full, one = exp.select(mbs[0]).trimmed(), exp.select(mbs[0][:1]).trimmed()
 
-    def using(node, fn):
+    def using(choice, fn):
         def run():
-            saved, fast._FusedLayers = fast._FusedLayers, node
+            os.environ[native.ENV] = choice
             try:
                 return fn()
             finally:
-                fast._FusedLayers = saved
+                os.environ.pop(native.ENV)
         return run
 
     def fwd_bwd(micro):
@@ -117,19 +92,32 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    (la, ga), (lb, gb) = (using(node, lambda: fwd_bwd(full))() for node in variants.values())
+    prompts, prompt_mask = exp.prompt_ids, exp.prompt_mask  # the rollout's 16 rows, each group's prompt repeated
+
+    def rollout_sample():
+        torch.manual_seed(0)
+        return sample(policy.lm, prompts, prompt_mask, s.response_length, module.tokenizer.eos_token_id,
+                      module.tokenizer.pad_token_id, with_logprobs=True)
+
+    (la, ga), (lb, gb) = (using(choice, lambda: fwd_bwd(full))() for choice in variants.values())
     same = torch.equal(la, lb) and all(torch.equal(a, b) for a, b in zip(ga, gb))
     print(f"loss and all {len(ga)} gradients bit-identical: {same}")
     if not same:
-        raise SystemExit("the C++ layers differ from the Python node")
+        raise SystemExit("the C++ layers differ from their Python twin")
 
     results: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
+    sa, sb = (using(choice, rollout_sample)() for choice in variants.values())
+    same_samples = torch.equal(sa.response_ids, sb.response_ids) and torch.equal(sa.logprobs, sb.logprobs)
+    print(f"sampled responses and log-probs bit-identical: {same_samples}")
+    if not same_samples:
+        raise SystemExit("the C++ decode step differs from the Python one")
+
     timings = {"fwd+bwd, micro-batch": lambda: fwd_bwd(full), "fwd+bwd, one row": lambda: fwd_bwd(one),
-               "optimizer step": steps}
+               "optimizer step": steps, "sampling (prefill + decode)": rollout_sample}
     for _ in range(args.rounds):
-        for name, node in variants.items():
+        for name, choice in variants.items():
             for label, fn in timings.items():
-                ms = median_ms(using(node, fn), 40)
+                ms = median_ms(using(choice, fn), 40)
                 results[name].setdefault(label, []).append(ms / len(mbs) if label == "optimizer step" else ms)
 
     # the step's matrix products alone, at the shapes one step calls them with
@@ -150,7 +138,7 @@ def main() -> None:
     floor = median_ms(products, 100) / len(mbs)
     print(f"per optimizer step: {len(mats) // len(mbs)} matrix products, {flops / len(mbs) / 1e6:.0f} MFLOP, "
           f"{floor:.2f} ms alone ({flops / len(mbs) / floor / 1e6:.0f} GFLOP/s)")
-    print("| timing (ms, medians of rounds) | " + " | ".join(variants) + " | C++ / python |")
+    print("| timing (ms, medians of rounds) | " + " | ".join(variants) + " | C++ / Python |")
     print("|---|" + "---|" * (len(variants) + 1))
     for label in timings:
         meds = [sorted(results[name][label])[len(results[name][label]) // 2] for name in variants]

@@ -121,6 +121,7 @@ def test_policy_forward_takes_the_fused_path_and_equals_the_autograd_one(tokeniz
     torch.nn.init.normal_(policy.value_head.weight)
     ids, mask = _batch(tokenizer)
     calls = []
+    monkeypatch.setenv("LIGHTNING_RLHF_NATIVE", "0")  # count the Python node (test_native.py: the C++ one is its twin)
     fused = llama._FusedLayers
     monkeypatch.setattr(llama, "_FusedLayers", type("Counted", (llama._FusedLayers,), {
         "apply": staticmethod(lambda *a: calls.append(1) or fused.apply(*a))}))

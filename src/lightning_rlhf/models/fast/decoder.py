@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_rlhf.models.fast import native
 from lightning_rlhf.models.fast.llama import inference_plan, llama_hidden
 from lightning_rlhf.models.fast.ops import attention_bias, rms_norm, rotate
 from lightning_rlhf.models.fast.plan import Plan
@@ -36,6 +37,10 @@ class LlamaDecoder:
                        for w, (eps1, eps2) in zip(plan.layers, spec.eps)]
         nk = self.n_kv * self.head_dim
         self.split = (self.n_heads * self.head_dim + nk, nk)  # [q, k] | v
+        self.native = native.extension()  # decode_step in C++ (bit-identical) where it is built
+        if self.native is not None:
+            self.native_layers = [t for layer in self.layers for j, t in enumerate(layer) if j not in (1, 7)]
+            self.native_eps = [e for pair in spec.eps for e in pair]
 
     @classmethod
     def build(cls, lm: nn.Module) -> "LlamaDecoder | None":
@@ -71,9 +76,14 @@ class LlamaDecoder:
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """The next token (B,) long -> last hidden state (B, H) after the final norm."""
         i, t = self.pos, self.pos - self.prompt_len  # attend to the cache's first i + 1 positions
-        x = decode_step(token, self.plan.embed, self.layers, self.keys, self.values, self.bias[..., : i + 1],
-                        self.cos[t], self.sin[t], i, self.split, self.n_heads, self.n_kv, self.head_dim,
-                        self.plan.spec.scaling)
+        if self.native is not None:
+            x = self.native.decode_step(token, self.plan.embed, self.native_layers, self.keys, self.values,
+                                        self.bias[..., : i + 1], self.cos[t], self.sin[t], i, *self.split,
+                                        self.native_eps, self.n_heads, self.n_kv, self.head_dim, self.plan.spec.scaling)
+        else:
+            x = decode_step(token, self.plan.embed, self.layers, self.keys, self.values, self.bias[..., : i + 1],
+                            self.cos[t], self.sin[t], i, self.split, self.n_heads, self.n_kv, self.head_dim,
+                            self.plan.spec.scaling)
         self.pos += 1
         return rms_norm(x, self.plan.norm, self.plan.norm_eps)
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from lightning_rlhf.models.fast import native
 from lightning_rlhf.models.fast.ops import (attention_bias, linear_backward, rms_norm, rms_norm_backward, rotate,
                                             rotate_backward, rows)
 from lightning_rlhf.models.fast.plan import LayerWeights, Plan, Spec, plan_of
@@ -203,7 +204,7 @@ def llama_hidden(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     """Last hidden state (after the final norm) of the last `n_last` positions. (B, L) -> (B, n_last, H).
 
     `fused` (needs a `fused_plan`): with grad one `_FusedLayers` node, without it the same
-    arithmetic for inference, where `kv_out` receives each layer's rotated keys and values,
+    arithmetic for inference (both in C++ where `native.extension()` is built, bit-identical), where `kv_out` receives each layer's rotated keys and values,
     (B, n_kv, L, D) each, for a KV cache. Otherwise the plain twin: the layers traced by autograd,
     attention through `scaled_dot_product_attention`. `plan`: the model's Plan when the caller has it.
     """
@@ -217,8 +218,12 @@ def llama_hidden(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     grad = torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in flat))
     if kv_out is not None and (grad or not fused):
         raise ValueError("kv_out is for the fused path's inference only")
+    ext = native.extension() if fused else None  # the C++ twin of the fused arithmetic, when built
     if grad and fused:
-        out = _FusedLayers.apply(x, cos, sin, bias, plan.spec, n_last, *flat)
+        out = (native.NativeLayers if ext is not None else _FusedLayers).apply(x, cos, sin, bias, plan.spec, n_last,
+                                                                              *flat)
+    elif ext is not None:
+        out = native.inference_forward(ext, x, cos, sin, bias, plan.spec, n_last, flat, kv_out)
     elif fused:
         out = layers_forward(x, cos, sin, bias, plan.spec, n_last, plan.layers, kv_out=kv_out)
     else:

@@ -1,14 +1,15 @@
-// An experiment, not a shipped fast path (bench/native_trunk.py builds and measures it; bench/RESULTS.md,
-// "A C++ trunk"): the fused Llama layers of lightning_rlhf/models/fast/llama.py (`layers_forward` keeping
-// what the backward needs, and `_FusedLayers.backward`) as C++. The same ATen operators, called in the same
-// order on the same operands, so the loss and every gradient are bit-identical to the Python node. What it
-// takes away is the Python interpreter between the operators, to measure how much of a small model's step
-// that is.
+// The fused Llama layers of lightning_rlhf/models/fast/llama.py and the decode step of decoder.py, as C++
+// (lightning_rlhf/models/fast/native.py builds and loads it): `layers_forward` (training, keeping what the
+// backward needs; inference, optionally returning the KV cache), `_FusedLayers.backward` and `decode_step`.
+// The same ATen operators, called in the same order on the same operands, so every output and gradient is
+// bit-identical to the Python twin (tests/unit/test_native.py). What it takes away is the Python
+// interpreter between ~1,000 small operators an optimizer step (bench/RESULTS.md, "A C++ trunk").
 //
 // Weights come as one flat list, 16 entries per layer in `LayerWeights` order (biases may be None):
 //   ln1, wq, bq, wk, bk, wv, bv, wo, bo, ln2, wg, bg, wu, bu, wd, bd
 #include <torch/extension.h>
 
+#include <tuple>
 #include <vector>
 
 using at::Tensor;
@@ -60,41 +61,65 @@ Tensor repeat_heads(const Tensor& t, int64_t group) { return group == 1 ? t : t.
 
 }  // namespace
 
-// x (B, L, H) embeddings -> (out (B, n_last, H) before the final norm, saved tensors for `backward`).
+// x (B, L, H) embeddings -> (out (B, n_last, H) before the final norm, extra). mode 0 (training): extra is
+// what `backward` needs, 15 tensors a layer; 1 (inference): nothing; 2 (inference): each layer's rotated
+// keys and values (B, n_kv, L, D), 2 a layer.
 std::pair<Tensor, std::vector<Tensor>> forward(Tensor x, const Tensor& cos, const Tensor& sin, const Tensor& bias,
                                                int64_t n_heads, int64_t n_kv, int64_t head_dim, double scaling,
                                                const std::vector<double>& eps, int64_t n_last,
-                                               const std::vector<OptTensor>& flat) {
+                                               const std::vector<OptTensor>& flat, int64_t mode) {
   const int64_t n_layers = static_cast<int64_t>(flat.size()) / kFields;
-  const int64_t B = x.size(0), L = x.size(1), group = n_heads / n_kv;
+  const int64_t B = x.size(0), L = x.size(1), H = x.size(2), group = n_heads / n_kv;
+  const bool keep = mode == 0;
   Tensor cos_q = cos * scaling, sin_q = sin * scaling;
-  std::vector<Tensor> saved;
-  saved.reserve(n_layers * kSaved);
+  std::vector<Tensor> extra;
+  extra.reserve(n_layers * (keep ? kSaved : 2));
   for (int64_t li = 0; li < n_layers; ++li) {
     auto W = [&](Field f) { return opt(flat[li * kFields + f]); };
     const int64_t Lq = li == n_layers - 1 ? n_last : L;
-    auto [h1, r1] = rms_norm(x, W(LN1), eps[2 * li]);
+    Tensor h1, r1;
+    if (keep) {
+      std::tie(h1, r1) = rms_norm(x, W(LN1), eps[2 * li]);
+    } else {
+      h1 = at::rms_norm(x, {H}, W(LN1), eps[2 * li]);
+    }
     Tensor q = at::linear(Lq == L ? h1 : h1.slice(1, L - Lq), W(WQ), flat[li * kFields + BQ]);
     Tensor k = at::linear(h1, W(WK), flat[li * kFields + BK]);
     Tensor v = at::linear(h1, W(WV), flat[li * kFields + BV]);
     q = rotate(q.view({B, Lq, n_heads, head_dim}), cos_q.slice(1, L - Lq), sin_q.slice(1, L - Lq)).transpose(1, 2);
     k = rotate(k.view({B, L, n_kv, head_dim}), cos, sin).transpose(1, 2);
     v = v.view({B, L, n_kv, head_dim}).transpose(1, 2);
+    if (mode == 2) {
+      extra.push_back(k);
+      extra.push_back(v);
+    }
     Tensor ke = repeat_heads(k, group), ve = repeat_heads(v, group);
     Tensor p = at::softmax(at::matmul(q, ke.transpose(-1, -2)).add_(bias.slice(2, L - Lq)), -1);
     Tensor o = at::matmul(p, ve).transpose(1, 2).reshape({B, Lq, n_heads * head_dim});
     Tensor x_in = x;
     Tensor x2 = x.slice(1, L - Lq) + at::linear(o, W(WO), flat[li * kFields + BO]);
-    auto [h2, r2] = rms_norm(x2, W(LN2), eps[2 * li + 1]);
+    Tensor h2, r2;
+    if (keep) {
+      std::tie(h2, r2) = rms_norm(x2, W(LN2), eps[2 * li + 1]);
+    } else {
+      h2 = at::rms_norm(x2, {H}, W(LN2), eps[2 * li + 1]);
+    }
     Tensor g = at::linear(h2, W(WG), flat[li * kFields + BG]);
     Tensor u = at::linear(h2, W(WU), flat[li * kFields + BU]);
-    Tensor s = at::sigmoid(g);
-    Tensor sg = g * s;
+    Tensor s, sg;
+    if (keep) {  // sigmoid(g) kept: the backward's silu' then costs three multiplies and adds
+      s = at::sigmoid(g);
+      sg = g * s;
+    } else {
+      sg = at::silu(g);
+    }
     Tensor a = sg * u;
     x = x2 + at::linear(a, W(WD), flat[li * kFields + BD]);
-    for (const Tensor& t : {x_in, r1, h1, q, k, v, p, o, x2, r2, h2, s, u, sg, a}) saved.push_back(t);
+    if (keep) {
+      for (const Tensor& t : {x_in, r1, h1, q, k, v, p, o, x2, r2, h2, s, u, sg, a}) extra.push_back(t);
+    }
   }
-  return {x, saved};
+  return {x, extra};
 }
 
 // dy (B, n_last, H) -> (dx (B, L, H), the weights' gradients in `flat` order, undefined where not needed).
@@ -159,7 +184,38 @@ std::pair<Tensor, std::vector<Tensor>> backward(Tensor dy, const std::vector<Ten
   return {dy.view({B, -1, H}), grads};
 }
 
+// decoder.decode_step: one token (B,) through every layer, writing its keys and values at cache index i
+// (caches (B * n_kv, K, D)) and attending to positions :i + 1 (bias (B * n_kv, 1, i + 1)); cos, sin (B, 1, D).
+// `layers`: 10 entries a layer, ln1, w_qkv, b_qkv, wo_t, bo, ln2, w_gu, b_gu, wd_t, bd. -> (B, H) before the
+// final norm.
+Tensor decode_step(const Tensor& token, const Tensor& embed, const std::vector<OptTensor>& layers,
+                   const std::vector<Tensor>& keys, const std::vector<Tensor>& values, const Tensor& bias,
+                   const Tensor& cos, const Tensor& sin, int64_t i, int64_t split_qk, int64_t split_v,
+                   const std::vector<double>& eps, int64_t nh, int64_t nkv, int64_t d, double scaling) {
+  constexpr int64_t kDecode = 10;
+  const int64_t B = token.size(0), nq = nh * d, H = embed.size(1);
+  Tensor x = at::embedding(embed, token);
+  for (size_t li = 0; li < keys.size(); ++li) {
+    const OptTensor* w = layers.data() + li * kDecode;
+    auto parts = at::linear(at::rms_norm(x, {H}, w[0], eps[2 * li]), *w[1], w[2]).split_with_sizes({split_qk, split_v}, -1);
+    Tensor qk = rotate(parts[0].view({B, nh + nkv, d}), cos, sin).view({B, -1});
+    const Tensor &k_cache = keys[li], &v_cache = values[li];
+    k_cache.select(1, i).copy_(qk.slice(1, nq).reshape({B * nkv, d}));
+    v_cache.select(1, i).copy_(parts[1].reshape({B * nkv, d}));
+    Tensor k_seen = k_cache.slice(1, 0, i + 1), v_seen = v_cache.slice(1, 0, i + 1);
+    Tensor scores = at::baddbmm(bias, qk.slice(1, 0, nq).reshape({B * nkv, nh / nkv, d}), k_seen.transpose(1, 2),
+                                1, scaling);
+    Tensor o = at::bmm(at::softmax(scores, -1), v_seen).view({B, nq});
+    x = w[4].has_value() ? at::addmm(x + *w[4], o, *w[3]) : at::addmm(x, o, *w[3]);
+    auto gu = at::linear(at::rms_norm(x, {H}, w[5], eps[2 * li + 1]), *w[6], w[7]).chunk(2, -1);
+    Tensor a = at::silu(gu[0]) * gu[1];
+    x = w[9].has_value() ? at::addmm(x + *w[9], a, *w[8]) : at::addmm(x, a, *w[8]);
+  }
+  return x;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "the fused Llama layers' forward, keeping what the backward needs");
+  m.def("forward", &forward, "the fused Llama layers' forward (training or inference)");
   m.def("backward", &backward, "the fused Llama layers' backward");
+  m.def("decode_step", &decode_step, "one decode step of the Llama layers with a KV cache");
 }
