@@ -134,4 +134,5 @@ def test_step_profile_times_every_piece_of_a_grpo_step_and_they_add_up():
         "select + trim", "forward: trunk, LM head, log-probs", "backward", "gradient norm, clipping, finiteness",
         "AdamW (fused)", "zero_grad", "loss (forward + loss - forward)")]
     assert len(parts) == 7 and all(v > 0 for v in parts[:-1]), res.stdout
-    assert float(pieces["total"]) == pytest.approx(sum(parts), abs=0.02), res.stdout
+    # 8 values printed to 2 decimals, each rounded by up to 0.005: the printed sum can be 0.04 off the total
+    assert float(pieces["total"]) == pytest.approx(sum(parts), abs=0.041), res.stdout
