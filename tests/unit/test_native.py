@@ -9,13 +9,12 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_rlhf.data.prompts import left_pad
 from lightning_rlhf.models.fast import llama, native
 from lightning_rlhf.sampling import sample
+from tests.unit.test_fast_llama import ROWS, _batch, _llama  # the same tiny Llama and left-padded batch
 
-ROWS = [[2, 10, 11, 12, 13, 14], [2, 15], [2, 16, 17, 18]]
 VARIANTS = {"llama": {}, "gqa-bias-3layers": {"num_key_value_heads": 2, "attention_bias": True, "mlp_bias": True,
                                               "num_hidden_layers": 3}}
 
@@ -28,26 +27,6 @@ def ext():
     if built is None:
         pytest.skip("the C++ extension is not built here (no compiler, or LIGHTNING_RLHF_NATIVE=0)")
     return built
-
-
-def _llama(tokenizer, **kw):
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    lm = LlamaForCausalLM(LlamaConfig(**{**cfg, **kw}))
-    with torch.no_grad():  # non-trivial norms and biases
-        for name, p in lm.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return lm
-
-
-def _batch(tokenizer, n_response=5):
-    ids, mask = left_pad(ROWS, tokenizer.pad_token_id)
-    torch.manual_seed(1)
-    ids = torch.cat([ids, torch.randint(3, 300, (3, n_response))], 1)
-    return ids, torch.cat([mask, torch.ones(3, n_response, dtype=torch.bool)], 1).long()
 
 
 def _node_names(fn) -> set[str]:

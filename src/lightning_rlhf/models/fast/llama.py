@@ -12,6 +12,10 @@
 With `n_last`, the last layer computes queries, the output projection and the MLP only for the last
 `n_last` positions (the earlier ones enter it only as keys and values).
 
+`NativeLayers` (the node) and `native_inference` run the same operators from C++ (`native.extension()`,
+built by `make setup`): bit-identical, without the interpreter between them; the Python ones are their
+twins and run where it is not built or LIGHTNING_RLHF_NATIVE=0.
+
 `hidden_states` dispatches: the fused node where `fused_plan` admits it, else the twin where the
 structure is covered (`plan.covers`), else None (the caller takes Hugging Face's forward). Under
 `torch.compile` (model.compile: `lightning_rlhf.compiling`) training takes the twin, which inductor
@@ -126,6 +130,18 @@ def layers_forward(x, cos, sin, bias, spec: Spec, n_last: int, layers: Sequence[
     return x
 
 
+def _keep(ctx, flat, saved, spec, cos, sin) -> None:
+    """A fused node's bookkeeping for its backward."""
+    ctx.save_for_backward(*flat)  # version-checked: an in-place update before backward raises
+    ctx.spec, ctx.layers, ctx.cos, ctx.sin = spec, saved, cos, sin  # intermediates, freed after backward
+
+
+def _check_once(ctx) -> None:
+    if ctx.layers is None:
+        raise RuntimeError("the fused Llama layers free their activations in the backward: one backward per "
+                           "forward (no retain_graph=True)")
+
+
 class _FusedLayers(torch.autograd.Function):
     """`layers_forward` as one autograd node; its inputs are x, the tables, the bias, then `Plan.flat`."""
 
@@ -135,16 +151,13 @@ class _FusedLayers(torch.autograd.Function):
         layers = [LayerWeights(*flat[i:i + n]) for i in range(0, len(flat), n)]
         saved = []
         out = layers_forward(x, cos, sin, bias, spec, n_last, layers, saved)
-        ctx.save_for_backward(*flat)  # version-checked: an in-place update before backward raises
-        ctx.spec, ctx.layers, ctx.cos, ctx.sin = spec, saved, cos, sin  # intermediates, freed after backward
+        _keep(ctx, flat, saved, spec, cos, sin)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        if ctx.layers is None:
-            raise RuntimeError("the fused Llama layers free their activations in the backward: one backward per "
-                               "forward (no retain_graph=True)")
+        _check_once(ctx)
         spec, flat = ctx.spec, ctx.saved_tensors
         n = len(LayerWeights._fields)
         needs = ctx.needs_input_grad[6:]
@@ -199,6 +212,41 @@ class _FusedLayers(torch.autograd.Function):
         return (dy.view(B, -1, H), None, None, None, None, None, *grads)
 
 
+def _flat_eps(spec: Spec) -> list[float]:
+    return [e for pair in spec.eps for e in pair]
+
+
+class NativeLayers(torch.autograd.Function):
+    """`_FusedLayers` with its forward and backward in C++ (`native.extension()`): the same inputs,
+    bookkeeping and outputs, bit-identical."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, bias, spec, n_last, *flat):
+        out, saved = native.extension().forward(x, cos, sin, bias, spec.n_heads, spec.n_kv, spec.head_dim,
+                                                spec.scaling, _flat_eps(spec), n_last, list(flat), 0)
+        _keep(ctx, flat, saved, spec, cos, sin)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        _check_once(ctx)
+        sp = ctx.spec
+        dx, grads = native.extension().backward(dy, ctx.layers, ctx.cos, ctx.sin, sp.n_heads, sp.n_kv, sp.head_dim,
+                                                sp.scaling, list(ctx.saved_tensors), list(ctx.needs_input_grad[6:]))
+        ctx.layers = None
+        return (dx, None, None, None, None, None, *grads)
+
+
+def native_inference(ext, x, cos, sin, bias, spec: Spec, n_last: int, flat, kv_out: list | None):
+    """`layers_forward` without grad (and its `kv_out`) in C++. -> (B, n_last, H) before the final norm."""
+    out, kv = ext.forward(x, cos, sin, bias, spec.n_heads, spec.n_kv, spec.head_dim, spec.scaling, _flat_eps(spec),
+                          n_last, list(flat), 1 if kv_out is None else 2)
+    if kv_out is not None:
+        kv_out.extend(zip(kv[0::2], kv[1::2]))
+    return out
+
+
 def llama_hidden(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_last: int | None = None,
                  kv_out: list | None = None, plan: Plan | None = None, fused: bool = True) -> torch.Tensor:
     """Last hidden state (after the final norm) of the last `n_last` positions. (B, L) -> (B, n_last, H).
@@ -220,10 +268,10 @@ def llama_hidden(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         raise ValueError("kv_out is for the fused path's inference only")
     ext = native.extension() if fused else None  # the C++ twin of the fused arithmetic, when built
     if grad and fused:
-        out = (native.NativeLayers if ext is not None else _FusedLayers).apply(x, cos, sin, bias, plan.spec, n_last,
+        out = (NativeLayers if ext is not None else _FusedLayers).apply(x, cos, sin, bias, plan.spec, n_last,
                                                                               *flat)
     elif ext is not None:
-        out = native.inference_forward(ext, x, cos, sin, bias, plan.spec, n_last, flat, kv_out)
+        out = native_inference(ext, x, cos, sin, bias, plan.spec, n_last, flat, kv_out)
     elif fused:
         out = layers_forward(x, cos, sin, bias, plan.spec, n_last, plan.layers, kv_out=kv_out)
     else:

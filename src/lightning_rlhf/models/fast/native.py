@@ -3,7 +3,7 @@
 The C++ calls the same ATen operators in the same order on the same operands as its Python twins
 (`llama.layers_forward`, `llama._FusedLayers.backward`, `decoder.decode_step`), so every output and
 gradient is bit-identical (tests/unit/test_native.py); `make demo` gives the same numbers either way.
-What it removes is the Python interpreter between the ~1,000 small operators of an optimizer step on
+`llama.NativeLayers` is the autograd node. What it removes is the Python interpreter between the ~1,000 small operators of an optimizer step on
 a small model: 8-9 % of a GRPO step on the benchmark's tiny Llama (bench/RESULTS.md, "A C++ trunk").
 
 Built once with `torch.utils.cpp_extension` (a C++ compiler and ninja; ~30 s on 2 cores) into
@@ -24,7 +24,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).resolve().parent / "native" / "fused_layers.cpp"
 ENV = "LIGHTNING_RLHF_NATIVE"
@@ -79,40 +78,3 @@ def extension():
     if _extension is None and choice == "1":
         raise RuntimeError(f"{ENV}=1 but the C++ fused layers are unavailable in this process")
     return _extension
-
-
-def _flat_eps(spec) -> list[float]:
-    return [e for pair in spec.eps for e in pair]
-
-
-class NativeLayers(torch.autograd.Function):
-    """`llama._FusedLayers` with the C++ forward and backward: the same inputs, bookkeeping and outputs."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin, bias, spec, n_last, *flat):
-        out, saved = extension().forward(x, cos, sin, bias, spec.n_heads, spec.n_kv, spec.head_dim, spec.scaling,
-                                         _flat_eps(spec), n_last, list(flat), 0)
-        ctx.save_for_backward(*flat)  # version-checked: an in-place update before backward raises
-        ctx.layers, ctx.spec, ctx.cos, ctx.sin = saved, spec, cos, sin  # intermediates, freed after backward
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        if ctx.layers is None:
-            raise RuntimeError("the fused Llama layers free their activations in the backward: one backward per "
-                               "forward (no retain_graph=True)")
-        sp = ctx.spec
-        dx, grads = extension().backward(dy, ctx.layers, ctx.cos, ctx.sin, sp.n_heads, sp.n_kv, sp.head_dim,
-                                         sp.scaling, list(ctx.saved_tensors), list(ctx.needs_input_grad[6:]))
-        ctx.layers = None
-        return (dx, None, None, None, None, None, *grads)
-
-
-def inference_forward(ext, x, cos, sin, bias, spec, n_last, flat, kv_out: list | None):
-    """`llama.layers_forward` without grad (and its `kv_out`) in C++. -> (B, n_last, H) before the final norm."""
-    out, kv = ext.forward(x, cos, sin, bias, spec.n_heads, spec.n_kv, spec.head_dim, spec.scaling, _flat_eps(spec),
-                          n_last, list(flat), 1 if kv_out is None else 2)
-    if kv_out is not None:
-        kv_out.extend(zip(kv[0::2], kv[1::2]))
-    return out
