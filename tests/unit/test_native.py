@@ -6,6 +6,7 @@ C++ compiler); on the CI machine it builds (`make setup`)."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,32 @@ from lightning_rlhf.sampling import sample
 from tests.unit.test_fast_llama import ROWS, _batch, _llama  # the same tiny Llama and left-padded batch
 
 VARIANTS = {"llama": {}, "gqa-bias-3layers": {"num_key_value_heads": 2, "attention_bias": True, "mlp_bias": True,
-                                              "num_hidden_layers": 3}}
+                                              "num_hidden_layers": 3},
+            "head_dim-own-eps": {"head_dim": 16}}
+
+
+def _model(tokenizer, kw):
+    """`_llama`, every RMSNorm with its own eps (so that a norm reading another's eps shows)."""
+    lm = _llama(tokenizer, **kw)
+    norms = [m for m in lm.modules() if hasattr(m, "variance_epsilon")]
+    for i, norm in enumerate(norms):
+        norm.variance_epsilon = 10.0 ** -(1 + i)  # large enough to change the outputs' last bits
+    return lm
+
+
+class _Counting:
+    """The extension module, counting the calls of each of its functions."""
+
+    def __init__(self, ext):
+        self.ext, self.calls = ext, {}
+
+    def __getattr__(self, name):
+        fn = getattr(self.ext, name)
+
+        def counted(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*args)
+        return counted
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +79,7 @@ def _each_path(monkeypatch, fn):
 @pytest.mark.parametrize("kw", VARIANTS.values(), ids=VARIANTS.keys())
 @pytest.mark.parametrize("n_last", [None, 4])
 def test_training_forward_and_every_gradient_are_bit_identical(ext, tokenizer, monkeypatch, kw, n_last):
-    lm = _llama(tokenizer, **kw).train()
+    lm = _model(tokenizer, kw).train()
     ids, mask = _batch(tokenizer)
     keep = n_last or ids.shape[1]
     weight = torch.randn(3, keep, lm.config.hidden_size)
@@ -73,6 +99,27 @@ def test_training_forward_and_every_gradient_are_bit_identical(ext, tokenizer, m
     assert g0.keys() == g1.keys() and len(g0) == len(list(lm.base_model.parameters()))
     for name in g0:
         assert torch.equal(g0[name], g1[name]), name
+
+
+def test_the_backward_returns_exactly_the_gradients_asked_for(ext, tokenizer):
+    lm = _llama(tokenizer, attention_bias=True)
+    ids, mask = _batch(tokenizer)
+    plan = llama.fused_plan(lm, *ids.shape, grad=True)
+    sp, flat = plan.spec, list(plan.flat)
+    x = torch.nn.functional.embedding(ids, plan.embed)
+    cos, sin = plan.rope(llama.position_ids_from_mask(mask), x.dtype)
+    bias = llama.attention_bias(mask, x.dtype)
+    eps = [e for pair in sp.eps for e in pair]
+    with torch.no_grad():
+        out, saved = ext.forward(x, cos, sin, bias, sp.n_heads, sp.n_kv, sp.head_dim, sp.scaling, eps, ids.shape[1],
+                                 flat, 0)
+        needs = [t is not None and i % 3 != 0 for i, t in enumerate(flat)]  # every third weight frozen
+        dx, grads = ext.backward(torch.ones_like(out), saved, cos, sin, sp.n_heads, sp.n_kv, sp.head_dim, sp.scaling,
+                                 flat, needs)
+    assert dx.shape == x.shape and len(grads) == len(flat)
+    for t, need, grad in zip(flat, needs, grads):
+        assert (grad is not None) == need
+        assert grad is None or grad.shape == t.shape
 
 
 def test_only_the_needed_gradients_are_computed(ext, tokenizer, monkeypatch):
@@ -103,7 +150,9 @@ def test_inference_forward_and_kv_cache_are_bit_identical(ext, tokenizer, monkey
             full = llama.llama_hidden(lm.base_model, ids, mask)
         return last, full, kv
 
+    monkeypatch.setattr(native, "_extension", counting := _Counting(ext))
     (a0, b0, kv0), (a1, b1, kv1) = _each_path(monkeypatch, run)
+    assert counting.calls == {"forward": 2}  # both calls of the C++ round took the C++ path
     assert torch.equal(a0, a1) and torch.equal(b0, b1)
     assert len(kv0) == len(kv1) == lm.config.num_hidden_layers
     for (k0, v0), (k1, v1) in zip(kv0, kv1):
@@ -112,8 +161,9 @@ def test_inference_forward_and_kv_cache_are_bit_identical(ext, tokenizer, monkey
 
 @pytest.mark.parametrize("kw", VARIANTS.values(), ids=VARIANTS.keys())
 def test_sampling_is_bit_identical(ext, tokenizer, monkeypatch, kw):
-    lm = _llama(tokenizer, **kw).eval()
+    lm = _model(tokenizer, kw).eval()
     ids, mask = left_pad(ROWS, tokenizer.pad_token_id)
+    monkeypatch.setattr(native, "_extension", counting := _Counting(ext))
 
     def run():
         torch.manual_seed(3)
@@ -121,7 +171,9 @@ def test_sampling_is_bit_identical(ext, tokenizer, monkeypatch, kw):
                       with_logprobs=True)
 
     s0, s1 = _each_path(monkeypatch, run)
-    assert s0.response_ids.shape[1] > 1  # decode steps ran, not only the prefill
+    steps = s1.response_ids.shape[1]
+    assert steps > 1  # decode steps ran, not only the prefill
+    assert counting.calls == {"forward": 1, "decode_step": steps - 1}  # the C++ round's prefill and steps
     assert torch.equal(s0.response_ids, s1.response_ids)
     assert torch.equal(s0.logprobs, s1.logprobs) and torch.equal(s0.entropy, s1.entropy)
 
@@ -135,7 +187,10 @@ def test_the_switch_is_read_and_a_bad_value_names_it(monkeypatch):
 
 
 def test_a_failed_build_falls_back_with_a_warning_or_raises_when_required(monkeypatch):
-    def broken(verbose=False):
+    calls = []
+
+    def broken(retry_failed=False, verbose=False):
+        calls.append(retry_failed)
         raise OSError("no C++ compiler")
 
     monkeypatch.setattr(native, "_extension", native._UNSET)
@@ -143,8 +198,58 @@ def test_a_failed_build_falls_back_with_a_warning_or_raises_when_required(monkey
     monkeypatch.setenv(native.ENV, "1")
     with pytest.raises(RuntimeError, match="LIGHTNING_RLHF_NATIVE=1 but the C\\+\\+ fused layers did not build"):
         native.extension()
+    assert calls == [True]  # required: a failed build is retried
     monkeypatch.setattr(native, "_extension", native._UNSET)
     monkeypatch.setenv(native.ENV, "auto")
-    with pytest.warns(UserWarning, match="did not build .*no C\\+\\+ compiler.*Python twin"):
+    with pytest.warns(UserWarning, match="unavailable .*no C\\+\\+ compiler.*Python twin") as caught:
         assert native.extension() is None
-    assert native.extension() is None  # decided once per process: no second attempt, no second warning
+        assert native.extension() is None  # decided once per process: no second attempt, no second warning
+    assert calls == [True, False] and len(caught) == 1
+
+
+def test_a_built_module_loads_without_a_build_and_a_failed_build_is_not_retried(ext, tmp_path, monkeypatch):
+    import shutil
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    attempts = []
+
+    def no_compiler(*args, **kwargs):
+        attempts.append(1)
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    built = Path(ext.__file__)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "prebuilt"))
+    folder = native.build_directory()
+    folder.mkdir(parents=True)
+    shutil.copy(built, folder / built.name)
+    (folder / "lock").write_text("")  # a killed build's stale lock: a built module does not wait on it
+    assert native.load().forward.__doc__ == ext.forward.__doc__ and attempts == []
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "empty"))
+    with pytest.raises(OSError, match="no C\\+\\+ compiler"):
+        native.load()
+    assert (native.build_directory() / native.FAILED).read_text().startswith("OSError: no C++ compiler")
+    with pytest.raises(RuntimeError, match="an earlier build failed"):
+        native.load()  # later processes do not spend the build time again
+    assert attempts == [1]
+    with pytest.raises(OSError):
+        native.load(retry_failed=True)  # LIGHTNING_RLHF_NATIVE=1 retries
+    assert attempts == [1, 1]
+
+
+def test_what_the_cpp_does_not_cover_takes_the_python_arithmetic(ext, tokenizer, monkeypatch):
+    # the C++ is written for fp32 SiLU MLPs; another activation, or autocast, takes the Python code
+    lm = _llama(tokenizer, hidden_act="gelu").eval()
+    ids, mask = _batch(tokenizer)
+    monkeypatch.setattr(native, "_extension", counting := _Counting(ext))
+    with torch.no_grad():
+        fast = llama.llama_hidden(lm.base_model, ids, mask)
+        hf = lm.base_model(input_ids=ids, attention_mask=mask,
+                           position_ids=llama.position_ids_from_mask(mask)).last_hidden_state
+        lm_silu = _llama(tokenizer).eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            llama.llama_hidden(lm_silu.base_model, ids, mask)
+    assert counting.calls == {}
+    torch.testing.assert_close(fast[mask.bool()], hf[mask.bool()], atol=2e-6, rtol=1e-5)

@@ -7,7 +7,7 @@
   backward (`llama_hidden`) or traced by autograd (its twin, which torch.compile traces), and
   for inference (filling a KV cache); `hidden_states` dispatches.
 - `decoder`: `LlamaDecoder`, the sampler's prefill and decode step.
-- `native`: the fused layers and the decode step as C++ (`native/fused_layers.cpp`), bit-identical to the
+- `native`: the fused layers and the decode step as C++ (`csrc/fused_layers.cpp`), bit-identical to the
   Python ones: built, loaded and switched (LIGHTNING_RLHF_NATIVE) here; `python -m lightning_rlhf.models.fast`
   builds it.
 """

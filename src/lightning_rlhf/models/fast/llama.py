@@ -222,8 +222,9 @@ class NativeLayers(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin, bias, spec, n_last, *flat):
-        out, saved = native.extension().forward(x, cos, sin, bias, spec.n_heads, spec.n_kv, spec.head_dim,
-                                                spec.scaling, _flat_eps(spec), n_last, list(flat), 0)
+        ctx.ext = ext = native.extension()  # the same module in the backward, whatever the switch says then
+        out, saved = ext.forward(x, cos, sin, bias, spec.n_heads, spec.n_kv, spec.head_dim, spec.scaling,
+                                 _flat_eps(spec), n_last, list(flat), 0)
         _keep(ctx, flat, saved, spec, cos, sin)
         return out
 
@@ -232,8 +233,8 @@ class NativeLayers(torch.autograd.Function):
     def backward(ctx, dy):
         _check_once(ctx)
         sp = ctx.spec
-        dx, grads = native.extension().backward(dy, ctx.layers, ctx.cos, ctx.sin, sp.n_heads, sp.n_kv, sp.head_dim,
-                                                sp.scaling, list(ctx.saved_tensors), list(ctx.needs_input_grad[6:]))
+        dx, grads = ctx.ext.backward(dy, ctx.layers, ctx.cos, ctx.sin, sp.n_heads, sp.n_kv, sp.head_dim, sp.scaling,
+                                     list(ctx.saved_tensors), list(ctx.needs_input_grad[6:]))
         ctx.layers = None
         return (dx, None, None, None, None, None, *grads)
 
@@ -266,7 +267,10 @@ def llama_hidden(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     grad = torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in flat))
     if kv_out is not None and (grad or not fused):
         raise ValueError("kv_out is for the fused path's inference only")
-    ext = native.extension() if fused else None  # the C++ twin of the fused arithmetic, when built
+    # the C++ twin of the fused arithmetic, when built: like the hand-written backward, written for fp32 SiLU MLPs
+    native_covers = (fused and plan.spec.silu and x.dtype == torch.float32
+                     and not torch.is_autocast_enabled(x.device.type))
+    ext = native.extension() if native_covers else None
     if grad and fused:
         out = (NativeLayers if ext is not None else _FusedLayers).apply(x, cos, sin, bias, plan.spec, n_last,
                                                                               *flat)

@@ -1,5 +1,5 @@
 // The fused Llama layers of lightning_rlhf/models/fast/llama.py and the decode step of decoder.py, as C++
-// (lightning_rlhf/models/fast/native.py builds and loads it): `layers_forward` (training, keeping what the
+// (lightning_rlhf/models/fast/native.py builds and loads it; llama.NativeLayers is its autograd node): `layers_forward` (training, keeping what the
 // backward needs; inference, optionally returning the KV cache), `_FusedLayers.backward` and `decode_step`.
 // The same ATen operators, called in the same order on the same operands, so every output and gradient is
 // bit-identical to the Python twin (tests/unit/test_native.py). What it takes away is the Python
@@ -69,6 +69,12 @@ std::pair<Tensor, std::vector<Tensor>> forward(Tensor x, const Tensor& cos, cons
                                                const std::vector<double>& eps, int64_t n_last,
                                                const std::vector<OptTensor>& flat, int64_t mode) {
   const int64_t n_layers = static_cast<int64_t>(flat.size()) / kFields;
+  TORCH_CHECK(n_layers > 0 && static_cast<int64_t>(flat.size()) == n_layers * kFields,
+              "forward: expected 16 weights a layer, got ", flat.size());
+  TORCH_CHECK(static_cast<int64_t>(eps.size()) == 2 * n_layers, "forward: expected 2 eps a layer, got ", eps.size());
+  TORCH_CHECK(mode >= 0 && mode <= 2, "forward: mode is 0, 1 or 2, got ", mode);
+  TORCH_CHECK(x.dim() == 3 && n_kv > 0 && n_heads % n_kv == 0 && n_last > 0 && n_last <= x.size(1),
+              "forward: x (B, L, H), n_heads a multiple of n_kv, 0 < n_last <= L");
   const int64_t B = x.size(0), L = x.size(1), H = x.size(2), group = n_heads / n_kv;
   const bool keep = mode == 0;
   Tensor cos_q = cos * scaling, sin_q = sin * scaling;
@@ -128,6 +134,10 @@ std::pair<Tensor, std::vector<Tensor>> backward(Tensor dy, const std::vector<Ten
                                                 double scaling, const std::vector<OptTensor>& flat,
                                                 const std::vector<bool>& needs) {
   const int64_t n_layers = static_cast<int64_t>(flat.size()) / kFields;
+  TORCH_CHECK(n_layers > 0 && static_cast<int64_t>(flat.size()) == n_layers * kFields &&
+                  needs.size() == flat.size() && static_cast<int64_t>(saved.size()) == n_layers * kSaved,
+              "backward: expected 16 weights and needs and 15 saved tensors a layer, got ", flat.size(), ", ",
+              needs.size(), ", ", saved.size());
   const int64_t group = n_heads / n_kv, B = dy.size(0), H = dy.size(2);
   Tensor cos_q = cos * scaling, sin_q = sin * scaling;
   std::vector<Tensor> grads(flat.size());
@@ -193,11 +203,15 @@ Tensor decode_step(const Tensor& token, const Tensor& embed, const std::vector<O
                    const Tensor& cos, const Tensor& sin, int64_t i, int64_t split_qk, int64_t split_v,
                    const std::vector<double>& eps, int64_t nh, int64_t nkv, int64_t d, double scaling) {
   constexpr int64_t kDecode = 10;
+  TORCH_CHECK(!keys.empty() && values.size() == keys.size() &&
+                  static_cast<int64_t>(layers.size()) == kDecode * static_cast<int64_t>(keys.size()) &&
+                  eps.size() == 2 * keys.size(),
+              "decode_step: expected 10 weights, 2 eps, a key and a value cache a layer");
   const int64_t B = token.size(0), nq = nh * d, H = embed.size(1);
   Tensor x = at::embedding(embed, token);
   for (size_t li = 0; li < keys.size(); ++li) {
     const OptTensor* w = layers.data() + li * kDecode;
-    auto parts = at::linear(at::rms_norm(x, {H}, w[0], eps[2 * li]), *w[1], w[2]).split_with_sizes({split_qk, split_v}, -1);
+    auto parts = at::linear(at::rms_norm(x, {H}, w[0], eps[2 * li]), w[1].value(), w[2]).split_with_sizes({split_qk, split_v}, -1);
     Tensor qk = rotate(parts[0].view({B, nh + nkv, d}), cos, sin).view({B, -1});
     const Tensor &k_cache = keys[li], &v_cache = values[li];
     k_cache.select(1, i).copy_(qk.slice(1, nq).reshape({B * nkv, d}));
@@ -206,10 +220,10 @@ Tensor decode_step(const Tensor& token, const Tensor& embed, const std::vector<O
     Tensor scores = at::baddbmm(bias, qk.slice(1, 0, nq).reshape({B * nkv, nh / nkv, d}), k_seen.transpose(1, 2),
                                 1, scaling);
     Tensor o = at::bmm(at::softmax(scores, -1), v_seen).view({B, nq});
-    x = w[4].has_value() ? at::addmm(x + *w[4], o, *w[3]) : at::addmm(x, o, *w[3]);
-    auto gu = at::linear(at::rms_norm(x, {H}, w[5], eps[2 * li + 1]), *w[6], w[7]).chunk(2, -1);
+    x = w[4].has_value() ? at::addmm(x + *w[4], o, w[3].value()) : at::addmm(x, o, w[3].value());
+    auto gu = at::linear(at::rms_norm(x, {H}, w[5], eps[2 * li + 1]), w[6].value(), w[7]).chunk(2, -1);
     Tensor a = at::silu(gu[0]) * gu[1];
-    x = w[9].has_value() ? at::addmm(x + *w[9], a, *w[8]) : at::addmm(x, a, *w[8]);
+    x = w[9].has_value() ? at::addmm(x + *w[9], a, w[8].value()) : at::addmm(x, a, w[8].value());
   }
   return x;
 }
