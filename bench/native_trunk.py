@@ -68,11 +68,15 @@ def main() -> None:
 
     def using(choice, fn):
         def run():
+            before = os.environ.get(native.ENV)
             os.environ[native.ENV] = choice
             try:
                 return fn()
-            finally:
-                os.environ.pop(native.ENV)
+            finally:  # the caller's own setting back
+                if before is None:
+                    os.environ.pop(native.ENV)
+                else:
+                    os.environ[native.ENV] = before
         return run
 
     def fwd_bwd(micro):

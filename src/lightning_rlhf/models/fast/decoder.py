@@ -39,8 +39,9 @@ class LlamaDecoder:
         self.split = (self.n_heads * self.head_dim + nk, nk)  # [q, k] | v
         self.native = native.extension()  # decode_step in C++ (bit-identical) where it is built
         if self.native is not None:
-            self.native_layers = [t for layer in self.layers for j, t in enumerate(layer) if j not in (1, 7)]
-            self.native_eps = [e for pair in spec.eps for e in pair]
+            self.native_layers = [t for ln1, _, w_qkv, b_qkv, wo_t, bo, ln2, _, w_gu, b_gu, wd_t, bd in self.layers
+                                  for t in (ln1, w_qkv, b_qkv, wo_t, bo, ln2, w_gu, b_gu, wd_t, bd)]  # eps apart
+            self.native_eps = spec.flat_eps()
 
     @classmethod
     def build(cls, lm: nn.Module) -> "LlamaDecoder | None":

@@ -55,16 +55,20 @@ def plan_for(lm: nn.Module, training: bool = False) -> Plan | None:
     return plan
 
 
+def _fp32_silu(plan: Plan) -> bool:
+    """What the hand-written backward and the C++ twin are written for: SiLU-gated MLPs and fp32 arithmetic
+    (under autocast, bf16-mixed, the hand-written backward would mix dtypes)."""
+    weight = plan.embed
+    return plan.spec.silu and weight.dtype == torch.float32 and not torch.is_autocast_enabled(weight.device.type)
+
+
 def fused_plan(lm: nn.Module, batch: int, length: int, grad: bool) -> Plan | None:
     """The Plan for the fused layers when they cover this causal LM and input size, else None: a
     covered model, SiLU MLPs, fp32 without autocast, and (when training) the attention probabilities
     kept for the backward within SAVED_ATTENTION_BYTES."""
     plan = plan_for(lm, training=grad and lm.training)
-    if plan is None or not plan.spec.silu:  # the backward is written for SiLU-gated MLPs
+    if plan is None or not _fp32_silu(plan):
         return None
-    weight = plan.embed
-    if weight.dtype != torch.float32 or torch.is_autocast_enabled(weight.device.type):
-        return None  # fp32 arithmetic only: under autocast (bf16-mixed) the hand-written backward would mix dtypes
     saved = 4 * batch * plan.spec.n_heads * length * length * plan.spec.n_layers
     return plan if not grad or saved <= SAVED_ATTENTION_BYTES else None
 
@@ -212,10 +216,6 @@ class _FusedLayers(torch.autograd.Function):
         return (dy.view(B, -1, H), None, None, None, None, None, *grads)
 
 
-def _flat_eps(spec: Spec) -> list[float]:
-    return [e for pair in spec.eps for e in pair]
-
-
 class NativeLayers(torch.autograd.Function):
     """`_FusedLayers` with its forward and backward in C++ (`native.extension()`): the same inputs,
     bookkeeping and outputs, bit-identical."""
@@ -224,7 +224,7 @@ class NativeLayers(torch.autograd.Function):
     def forward(ctx, x, cos, sin, bias, spec, n_last, *flat):
         ctx.ext = ext = native.extension()  # the same module in the backward, whatever the switch says then
         out, saved = ext.forward(x, cos, sin, bias, spec.n_heads, spec.n_kv, spec.head_dim, spec.scaling,
-                                 _flat_eps(spec), n_last, list(flat), 0)
+                                 spec.flat_eps(), n_last, list(flat), 0)
         _keep(ctx, flat, saved, spec, cos, sin)
         return out
 
@@ -241,7 +241,7 @@ class NativeLayers(torch.autograd.Function):
 
 def native_inference(ext, x, cos, sin, bias, spec: Spec, n_last: int, flat, kv_out: list | None):
     """`layers_forward` without grad (and its `kv_out`) in C++. -> (B, n_last, H) before the final norm."""
-    out, kv = ext.forward(x, cos, sin, bias, spec.n_heads, spec.n_kv, spec.head_dim, spec.scaling, _flat_eps(spec),
+    out, kv = ext.forward(x, cos, sin, bias, spec.n_heads, spec.n_kv, spec.head_dim, spec.scaling, spec.flat_eps(),
                           n_last, list(flat), 1 if kv_out is None else 2)
     if kv_out is not None:
         kv_out.extend(zip(kv[0::2], kv[1::2]))
@@ -253,9 +253,10 @@ def llama_hidden(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     """Last hidden state (after the final norm) of the last `n_last` positions. (B, L) -> (B, n_last, H).
 
     `fused` (needs a `fused_plan`): with grad one `_FusedLayers` node, without it the same
-    arithmetic for inference (both in C++ where `native.extension()` is built, bit-identical), where `kv_out` receives each layer's rotated keys and values,
-    (B, n_kv, L, D) each, for a KV cache. Otherwise the plain twin: the layers traced by autograd,
-    attention through `scaled_dot_product_attention`. `plan`: the model's Plan when the caller has it.
+    arithmetic for inference, where `kv_out` receives each layer's rotated keys and values,
+    (B, n_kv, L, D) each, for a KV cache; both in C++ (bit-identical) where `native.extension()` is built.
+    Otherwise the plain twin: the layers traced by autograd, attention through
+    `scaled_dot_product_attention`. `plan`: the model's Plan when the caller has it.
     """
     L = input_ids.shape[1]
     n_last = L if n_last is None else n_last
@@ -267,10 +268,7 @@ def llama_hidden(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     grad = torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in flat))
     if kv_out is not None and (grad or not fused):
         raise ValueError("kv_out is for the fused path's inference only")
-    # the C++ twin of the fused arithmetic, when built: like the hand-written backward, written for fp32 SiLU MLPs
-    native_covers = (fused and plan.spec.silu and x.dtype == torch.float32
-                     and not torch.is_autocast_enabled(x.device.type))
-    ext = native.extension() if native_covers else None
+    ext = native.extension() if fused and _fp32_silu(plan) else None  # the C++ twin, when built
     if grad and fused:
         out = (NativeLayers if ext is not None else _FusedLayers).apply(x, cos, sin, bias, plan.spec, n_last,
                                                                               *flat)

@@ -76,6 +76,10 @@ class Spec:
     act: tuple[Callable, ...]  # per layer: the MLP's activation (F.silu for SiLU)
     silu: bool  # every layer's activation is SiLU (what the hand-written backward is written for)
 
+    def flat_eps(self) -> list[float]:
+        """Every layer's two eps in order (input, post-attention norm): the C++ fast path's layout."""
+        return [e for pair in self.eps for e in pair]
+
 
 _registrations = 0  # modules, parameters and buffers registered in this process so far
 

@@ -1,6 +1,7 @@
 // The fused Llama layers of lightning_rlhf/models/fast/llama.py and the decode step of decoder.py, as C++
-// (lightning_rlhf/models/fast/native.py builds and loads it; llama.NativeLayers is its autograd node): `layers_forward` (training, keeping what the
-// backward needs; inference, optionally returning the KV cache), `_FusedLayers.backward` and `decode_step`.
+// (lightning_rlhf/models/fast/native.py builds and loads it; llama.NativeLayers is its autograd node):
+// `layers_forward` (training, keeping what the backward needs; inference, optionally returning the KV cache),
+// `_FusedLayers.backward` and `decode_step`.
 // The same ATen operators, called in the same order on the same operands, so every output and gradient is
 // bit-identical to the Python twin (tests/unit/test_native.py). What it takes away is the Python
 // interpreter between ~1,000 small operators an optimizer step (bench/RESULTS.md, "A C++ trunk").
@@ -211,7 +212,8 @@ Tensor decode_step(const Tensor& token, const Tensor& embed, const std::vector<O
   Tensor x = at::embedding(embed, token);
   for (size_t li = 0; li < keys.size(); ++li) {
     const OptTensor* w = layers.data() + li * kDecode;
-    auto parts = at::linear(at::rms_norm(x, {H}, w[0], eps[2 * li]), w[1].value(), w[2]).split_with_sizes({split_qk, split_v}, -1);
+    auto parts = at::linear(at::rms_norm(x, {H}, w[0], eps[2 * li]), w[1].value(), w[2])
+                     .split_with_sizes({split_qk, split_v}, -1);
     Tensor qk = rotate(parts[0].view({B, nh + nkv, d}), cos, sin).view({B, -1});
     const Tensor &k_cache = keys[li], &v_cache = values[li];
     k_cache.select(1, i).copy_(qk.slice(1, nq).reshape({B * nkv, d}));
